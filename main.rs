@@ -1,0 +1,2647 @@
+//! # pubsub-backend
+//!
+//! A real-time publish/subscribe server. Clients speak JSON over one WebSocket endpoint (`/ws`:
+//! subscribe, unsubscribe, publish, ping) and manage topics over REST (`/topics`, `/health`,
+//! `/stats`), both on one TCP port. Every topic keeps a ring of its last `RING_SIZE` events for
+//! replay; every WebSocket connection has one bounded outbound queue, and a connection whose queue
+//! overflows is cut (`SLOW_CONSUMER`) instead of slowing anyone else down. `shared/SPEC.md` is
+//! the contract; README.md documents the choices made where it is silent.
+//!
+//! ## Main types, in the order data flows
+//! - [`Config`]: settings from the environment (flags mirror them).
+//! - [`ClientRequest`] and [`ServerMessage`]: the wire protocol; [`ErrorCode`] for failures.
+//! - [`broker::Broker`]: topics, rings, subscriptions, one bounded queue per connection. No I/O.
+//! - The dispatcher ([`run_acceptor`], [`dispatch`]): accepts, peeks at the request line and
+//!   routes `/ws` to the WebSocket session and everything else to REST.
+//! - The WebSocket session ([`serve_ws`]): a reader that parses requests and calls the broker,
+//!   and a writer ([`run_writer`]) that alone writes frames; [`Outgoing`] is what flows between.
+//! - REST ([`run_rest_worker`], [`handle_rest`]): tiny_http workers and the route handlers,
+//!   reached through a byte pump ([`proxy_to_rest`]) because tiny_http cannot adopt a socket.
+//!
+//! ## Threads
+//! | thread | owns | blocks in | exits when |
+//! |---|---|---|---|
+//! | `main` | start-up, shutdown | waiting for SIGTERM/SIGINT | after shutdown |
+//! | `acceptor` | the listening socket | `accept` | shutdown flag, woken by a self-connect |
+//! | `conn-N` | one client socket: peek, then WebSocket reader or REST upload pump | socket read | peer closes, idle timeout, or `TcpStream::shutdown` from the writer or shutdown |
+//! | `ws-writer-N` | the only writer of one WebSocket | `recv_timeout` on its queue (also the heartbeat tick), socket write | the session closes; a write blocked for `WRITE_TIMEOUT_SEC` |
+//! | `rest-out-N` | REST response pump to one client | read from tiny_http | tiny_http closes its side |
+//! | `rest-worker-N` | nothing; serves tiny_http requests | `Server::recv` | `Server::unblock` at shutdown |
+//! | tiny_http's own | its accept loop and per-connection parsers | unix socket reads | process exit |
+//!
+//! ## Invariants
+//! - The broker does no I/O, never blocks on a queue (`try_send` only), and formats nothing.
+//! - Exactly one thread writes to a WebSocket after its handshake: that session's writer. The
+//!   reader's automatic pong and close replies go to a sink and are re-sent through the writer.
+//! - No lock is held across I/O or a blocking send.
+//! - A connection is subscribed to a topic if and only if the broker holds its queue for it; a
+//!   connection cut as a slow consumer is removed from every topic under the same lock.
+//! - A subscribe ack and its replay are one queue item, queued under the lock that registers the
+//!   subscription, so no live event can come between them and none can be missed or repeated.
+
+#![forbid(unsafe_code)]
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::net::{
+    IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs,
+};
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{SocketAddr as UnixSocketAddr, UnixListener, UnixStream};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TryRecvError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::value::RawValue;
+use signal_hook::consts::{SIGINT, SIGTERM};
+use subtle::ConstantTimeEq;
+use tungstenite::handshake::server::{
+    ErrorResponse, Request as UpgradeRequest, Response as UpgradeResponse,
+};
+use tungstenite::handshake::HandshakeError;
+use tungstenite::http::{header, HeaderValue, StatusCode};
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tungstenite::{Bytes, Message, Utf8Bytes, WebSocket};
+
+use broker::{Broker, BrokerError, Ending, SessionControl};
+
+/// How long a new connection may take to send its request line and complete the WebSocket
+/// handshake. A client that says nothing for this long is dropped (slowloris protection).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Longest request line the dispatcher looks at, in bytes. Longer lines are refused with 414
+/// rather than routed blind; 8 KiB matches the common limit of nginx and Node.js.
+const MAX_REQUEST_LINE: usize = 8 * 1024;
+
+/// How long a REST keep-alive connection may stay silent before it is closed.
+const REST_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long a WebSocket whose server side has sent its Close frame waits for the client's reply
+/// before the TCP connection is dropped (RFC 6455 7.1.1: the server closes TCP first).
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Stack size of every per-connection thread, in bytes. Connection threads need little: the
+/// deepest path is serde_json's recursion-limited (128 levels) parse of a request.
+const CONNECTION_STACK_SIZE: usize = 256 * 1024;
+
+/// Bytes tungstenite reads from a socket at a time; its default (128 KiB) would be allocated for
+/// every connection, while a request is usually far smaller. Larger messages still arrive whole.
+const WS_READ_BUFFER_SIZE: usize = 8 * 1024;
+
+/// Bytes of encoded frames the writer collects before it writes to the socket; a flush at the
+/// end of every batch of queued items sends the rest, so small batches are not delayed.
+const WS_WRITE_BUFFER_SIZE: usize = 64 * 1024;
+
+/// Threads answering REST requests. REST handlers only take the broker lock briefly, so a few
+/// workers keep every core busy.
+const REST_WORKERS: usize = 4;
+
+/// How long the acceptor backs off after `accept` fails (out of file descriptors, say), so the
+/// failure is not retried in a hot loop; the server goes on once descriptors free up.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+fn main() -> ExitCode {
+    let invocation =
+        match Invocation::parse(std::env::args().skip(1), |var| std::env::var(var).ok()) {
+            Ok(invocation) => invocation,
+            Err(error) => {
+                let _ = writeln!(io::stderr(), "pubsub-backend: {error}");
+                return ExitCode::from(2);
+            }
+        };
+    let config = match invocation {
+        Invocation::Help => {
+            let _ = write!(io::stdout(), "{}", help_text());
+            return ExitCode::SUCCESS;
+        }
+        Invocation::Version => {
+            let _ = writeln!(io::stdout(), "pubsub-backend {}", env!("CARGO_PKG_VERSION"));
+            return ExitCode::SUCCESS;
+        }
+        Invocation::Run(config) => config,
+    };
+    StderrLogger::install(config.log_level);
+    match run(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            log::error!("{error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Binds the port, starts every thread, waits for SIGTERM or SIGINT, then shuts down: stop
+/// accepting, let every WebSocket flush its queue for up to `SHUTDOWN_GRACE_SEC`, close them
+/// with 1001, and return.
+fn run(config: Config) -> io::Result<()> {
+    let listener = TcpListener::bind(config.bind_addr)
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot bind {}: {e}", config.bind_addr)))?;
+    let local_addr = listener.local_addr()?;
+    // Registered before any thread starts, so no thread inherits the default disposition.
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
+
+    // tiny_http listens on an abstract unix socket: no file to clean up, nothing reachable from
+    // the network, and no file system needed (the image is FROM scratch, without /tmp).
+    let rest_name = format!(
+        "pubsub-backend-{}-{}",
+        std::process::id(),
+        uuid::Uuid::new_v4().simple()
+    );
+    let rest_addr = UnixSocketAddr::from_abstract_name(rest_name.as_bytes())?;
+    let rest_listener = UnixListener::bind_addr(&rest_addr)?;
+    let rest_server = Arc::new(
+        tiny_http::Server::from_listener(rest_listener, None)
+            .map_err(|e| io::Error::other(e.to_string()))?,
+    );
+
+    let shared = Arc::new(Shared::new(config, rest_addr));
+    let workers = (0..REST_WORKERS)
+        .map(|n| {
+            let (rest_server, shared) = (Arc::clone(&rest_server), Arc::clone(&shared));
+            thread::Builder::new()
+                .name(format!("rest-worker-{n}"))
+                .spawn(move || run_rest_worker(&rest_server, &shared))
+        })
+        .collect::<io::Result<Vec<_>>>()?;
+    let acceptor = {
+        let shared = Arc::clone(&shared);
+        thread::Builder::new()
+            .name("acceptor".into())
+            .spawn(move || run_acceptor(listener, &shared))?
+    };
+    log::info!(
+        "pubsub-backend {} listening on {local_addr} (REST http://{local_addr}, WebSocket ws://{local_addr}/ws)",
+        env!("CARGO_PKG_VERSION")
+    );
+
+    let signal = signals.forever().next().unwrap_or(SIGTERM);
+    let grace = shared.config.shutdown_grace;
+    log::info!(
+        "received {}: shutting down, flushing for at most {grace:?}",
+        signal_name(signal)
+    );
+    shared.shutting_down.store(true, Ordering::SeqCst);
+    match TcpStream::connect_timeout(&wake_addr(local_addr), Duration::from_secs(1)) {
+        Ok(_) => join_quietly(acceptor),
+        Err(error) => {
+            log::warn!("could not wake the acceptor ({error}); exiting without joining it")
+        }
+    }
+    shared.broker.shutdown();
+    let unfinished = shared
+        .connections
+        .wait_for_websockets(Instant::now() + grace);
+    if unfinished > 0 {
+        log::warn!(
+            "{unfinished} WebSocket connection(s) still flushing after {grace:?}: dropping them"
+        );
+    }
+    shared.connections.shutdown_all();
+    for _ in &workers {
+        rest_server.unblock();
+    }
+    workers.into_iter().for_each(join_quietly);
+    log::info!("shutdown complete");
+    Ok(())
+}
+
+/// What the process was asked to do on its command line.
+#[derive(Debug)]
+enum Invocation {
+    Run(Config),
+    Help,
+    Version,
+}
+
+/// One configuration setting: its environment variable, default and meaning. `--help`, the flag
+/// parser and README.md's table all follow this list.
+struct Setting {
+    var: &'static str,
+    default: Option<&'static str>,
+    help: &'static str,
+}
+
+/// Every setting, in the order `--help` lists them.
+const SETTINGS: &[Setting] = &[
+    Setting {
+        var: "HOST",
+        default: Some("0.0.0.0"),
+        help: "address to bind",
+    },
+    Setting {
+        var: "PORT",
+        default: Some("8000"),
+        help: "port to bind (0 picks a free one)",
+    },
+    Setting {
+        var: "RING_SIZE",
+        default: Some("100"),
+        help: "messages kept per topic for replay",
+    },
+    Setting {
+        var: "QUEUE_SIZE",
+        default: Some("100"),
+        help: "outbound queue bound per WebSocket connection",
+    },
+    Setting {
+        var: "LOG_LEVEL",
+        default: Some("INFO"),
+        help: "ERROR, WARN, INFO, DEBUG or TRACE",
+    },
+    Setting {
+        var: "HEARTBEAT_SEC",
+        default: Some("30"),
+        help: "heartbeat interval; silent for 2 intervals = dropped",
+    },
+    Setting {
+        var: "SHUTDOWN_GRACE_SEC",
+        default: Some("5"),
+        help: "how long shutdown may spend flushing queues",
+    },
+    Setting {
+        var: "WRITE_TIMEOUT_SEC",
+        default: Some("10"),
+        help: "a socket write blocked this long drops the connection",
+    },
+    Setting {
+        var: "MAX_MESSAGE_BYTES",
+        default: Some("1048576"),
+        help: "largest WebSocket message or REST body accepted",
+    },
+    Setting {
+        var: "API_KEY",
+        default: None,
+        help: "when set, required by every request but GET /health",
+    },
+];
+
+/// The server's settings, validated.
+#[derive(Debug, Clone)]
+struct Config {
+    bind_addr: SocketAddr,
+    /// Events kept per topic for replay; 0 disables replay.
+    ring_size: usize,
+    /// Items a connection's outbound queue holds before the connection is cut; at least 1.
+    queue_size: usize,
+    log_level: log::LevelFilter,
+    heartbeat: Duration,
+    shutdown_grace: Duration,
+    write_timeout: Duration,
+    max_message_bytes: usize,
+    api_key: Option<String>,
+}
+
+/// A setting whose value cannot be used; start-up stops with this one line.
+#[derive(Debug, PartialEq)]
+struct ConfigError {
+    var: &'static str,
+    value: String,
+    expected: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "invalid {}={:?}: expected {}",
+            self.var, self.value, self.expected
+        )
+    }
+}
+
+impl Invocation {
+    /// Reads flags (`--port 9000` or `--port=9000`, overriding `PORT`) and then the environment.
+    fn parse(
+        args: impl IntoIterator<Item = String>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Invocation, String> {
+        let mut flags: HashMap<&'static str, String> = HashMap::new();
+        let mut args = args.into_iter();
+        while let Some(arg) = args.next() {
+            match arg.as_str() {
+                "-h" | "--help" => return Ok(Invocation::Help),
+                "-V" | "--version" => return Ok(Invocation::Version),
+                _ => {}
+            }
+            let (name, inline_value) = match arg.split_once('=') {
+                Some((name, value)) => (name.to_string(), Some(value.to_string())),
+                None => (arg.clone(), None),
+            };
+            let setting = SETTINGS
+                .iter()
+                .find(|s| Some(flag_name(s.var).as_str()) == name.strip_prefix("--"))
+                .ok_or_else(|| format!("unknown argument {arg:?} (see --help)"))?;
+            let value = match inline_value {
+                Some(value) => value,
+                None => args.next().ok_or_else(|| format!("{name} needs a value"))?,
+            };
+            flags.insert(setting.var, value);
+        }
+        let lookup = |var: &'static str| flags.get(var).cloned().or_else(|| env(var));
+        Config::from_lookup(lookup)
+            .map(Invocation::Run)
+            .map_err(|e| e.to_string())
+    }
+}
+
+impl Config {
+    fn from_lookup(lookup: impl Fn(&'static str) -> Option<String>) -> Result<Config, ConfigError> {
+        let setting = |var: &'static str| -> (String, &'static str) {
+            let default = SETTINGS
+                .iter()
+                .find(|s| s.var == var)
+                .and_then(|s| s.default)
+                .unwrap_or("");
+            (lookup(var).unwrap_or_else(|| default.to_string()), var)
+        };
+        let invalid = |(value, var): (String, &'static str), expected: &str| ConfigError {
+            var,
+            value,
+            expected: expected.to_string(),
+        };
+        let count = |var: &'static str, min: usize| -> Result<usize, ConfigError> {
+            let (value, var) = setting(var);
+            match value.trim().parse::<usize>() {
+                Ok(n) if n >= min => Ok(n),
+                _ => Err(invalid((value, var), &format!("a whole number >= {min}"))),
+            }
+        };
+        let seconds = |var: &'static str, allow_zero: bool| -> Result<Duration, ConfigError> {
+            let (value, var) = setting(var);
+            match value
+                .trim()
+                .parse::<f64>()
+                .ok()
+                .and_then(|s| Duration::try_from_secs_f64(s).ok())
+            {
+                Some(d) if allow_zero || !d.is_zero() => Ok(d),
+                _ if allow_zero => Err(invalid(
+                    (value, var),
+                    "a number of seconds >= 0, such as 5 or 0.5",
+                )),
+                _ => Err(invalid(
+                    (value, var),
+                    "a number of seconds > 0, such as 30 or 0.5",
+                )),
+            }
+        };
+
+        let port = {
+            let (value, var) = setting("PORT");
+            value
+                .trim()
+                .parse::<u16>()
+                .map_err(|_| invalid((value, var), "a port number from 0 to 65535"))?
+        };
+        let bind_addr = {
+            let (value, var) = setting("HOST");
+            (value.trim(), port)
+                .to_socket_addrs()
+                .ok()
+                .and_then(|mut addrs| addrs.next())
+                .ok_or_else(|| {
+                    invalid(
+                        (value, var),
+                        "an IP address or host name to bind, such as 0.0.0.0",
+                    )
+                })?
+        };
+        let log_level = {
+            let (value, var) = setting("LOG_LEVEL");
+            match value.trim().to_ascii_uppercase().as_str() {
+                "ERROR" => log::LevelFilter::Error,
+                "WARN" => log::LevelFilter::Warn,
+                "INFO" => log::LevelFilter::Info,
+                "DEBUG" => log::LevelFilter::Debug,
+                "TRACE" => log::LevelFilter::Trace,
+                _ => {
+                    return Err(invalid(
+                        (value, var),
+                        "one of ERROR, WARN, INFO, DEBUG, TRACE",
+                    ))
+                }
+            }
+        };
+        let api_key = match lookup("API_KEY") {
+            Some(key) if key.is_empty() => {
+                return Err(invalid(
+                    (key, "API_KEY"),
+                    "a non-empty key, or API_KEY unset to disable authentication",
+                ))
+            }
+            key => key,
+        };
+        Ok(Config {
+            bind_addr,
+            ring_size: count("RING_SIZE", 0)?,
+            queue_size: count("QUEUE_SIZE", 1)?,
+            log_level,
+            heartbeat: seconds("HEARTBEAT_SEC", false)?,
+            shutdown_grace: seconds("SHUTDOWN_GRACE_SEC", true)?,
+            write_timeout: seconds("WRITE_TIMEOUT_SEC", false)?,
+            max_message_bytes: count("MAX_MESSAGE_BYTES", 64)?,
+            api_key,
+        })
+    }
+
+    /// The tungstenite limits that enforce `MAX_MESSAGE_BYTES` and keep buffers small.
+    fn websocket_config(&self) -> WebSocketConfig {
+        WebSocketConfig::default()
+            .read_buffer_size(WS_READ_BUFFER_SIZE)
+            .write_buffer_size(WS_WRITE_BUFFER_SIZE)
+            .max_message_size(Some(self.max_message_bytes))
+            .max_frame_size(Some(self.max_message_bytes))
+    }
+}
+
+/// `PORT` → `port`, `MAX_MESSAGE_BYTES` → `max-message-bytes`.
+fn flag_name(var: &str) -> String {
+    var.to_ascii_lowercase().replace('_', "-")
+}
+
+fn help_text() -> String {
+    let mut text = format!(
+        "pubsub-backend {}: publish/subscribe over WebSocket (/ws), topics over REST, one port.\n\n\
+         Usage: pubsub-backend [--NAME VALUE]...\n\n\
+         Settings come from environment variables; the flag beside each overrides it.\n\n",
+        env!("CARGO_PKG_VERSION")
+    );
+    for s in SETTINGS {
+        let flag = format!("--{}", flag_name(s.var));
+        let default = s.default.unwrap_or("unset");
+        text += &format!("  {:<20} {:<22} {:<9} {}\n", s.var, flag, default, s.help);
+    }
+    text += "\n  -h, --help     print this help\n  -V, --version  print the version\n";
+    text
+}
+
+/// Writes each log record to stderr as one line: RFC 3339 time, level, message. Records from
+/// tiny_http and tungstenite carry their module path so they can be told apart.
+struct StderrLogger {
+    level: log::LevelFilter,
+}
+
+impl StderrLogger {
+    fn install(level: log::LevelFilter) {
+        if log::set_boxed_logger(Box::new(StderrLogger { level })).is_ok() {
+            log::set_max_level(level);
+        }
+    }
+}
+
+impl log::Log for StderrLogger {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        metadata.level() <= self.level
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        if !self.enabled(record.metadata()) {
+            return;
+        }
+        let ts = humantime::format_rfc3339_millis(SystemTime::now());
+        let origin = match record.module_path() {
+            Some(path) if !path.starts_with(env!("CARGO_CRATE_NAME")) => format!(" [{path}]"),
+            _ => String::new(),
+        };
+        // A closed stderr must not take the server down, so the write error is ignored.
+        let _ = writeln!(
+            io::stderr().lock(),
+            "{ts} {:<5}{origin} {}",
+            record.level(),
+            record.args()
+        );
+    }
+
+    fn flush(&self) {
+        let _ = io::stderr().flush();
+    }
+}
+
+/// Error codes sent to clients, on WebSocket (`error.code`) and REST (`error.code`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+enum ErrorCode {
+    BadRequest,
+    TopicNotFound,
+    SlowConsumer,
+    Unauthorized,
+    Internal,
+    TopicExists,
+    NotFound,
+    MethodNotAllowed,
+    PayloadTooLarge,
+}
+
+/// A validated request from a WebSocket client.
+#[derive(Debug)]
+struct ClientRequest<'a> {
+    /// Echoed on the reply; any string the client likes.
+    request_id: Option<String>,
+    op: Operation<'a>,
+}
+
+#[derive(Debug)]
+enum Operation<'a> {
+    Subscribe {
+        topic: String,
+        client_id: String,
+        last_n: u64,
+    },
+    Unsubscribe {
+        topic: String,
+        client_id: String,
+    },
+    /// `payload` borrows the exact JSON text the client sent, so the event carries the same
+    /// value byte for byte (key order, number spelling) without a parse into a tree.
+    Publish {
+        topic: String,
+        id: String,
+        payload: &'a RawValue,
+    },
+    Ping,
+}
+
+/// Why a request was refused with `BAD_REQUEST`, and the `request_id` to echo if it had one.
+#[derive(Debug, PartialEq)]
+struct Rejection {
+    request_id: Option<String>,
+    message: String,
+}
+
+/// A request as it arrives: every field optional and untyped, so that validation can say which
+/// field is missing or wrong instead of serde's generic message. Unknown fields are ignored.
+#[derive(Deserialize)]
+struct RawRequest<'a> {
+    #[serde(rename = "type", borrow, default, deserialize_with = "present")]
+    kind: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    request_id: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    topic: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    client_id: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    last_n: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    message: Option<&'a RawValue>,
+}
+
+/// The `message` of a publish, untyped like [`RawRequest`].
+#[derive(Deserialize)]
+struct RawMessage<'a> {
+    #[serde(borrow, default, deserialize_with = "present")]
+    id: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    payload: Option<&'a RawValue>,
+}
+
+/// Deserializes a field that is present, even as `null`, into `Some`, so that a JSON `null`
+/// payload is a payload and a `null` topic is a wrongly typed topic, not a missing one.
+fn present<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(deserializer).map(Some)
+}
+
+/// Parses a JSON object whose every field is optional, refusing anything but an object
+/// (serde would otherwise accept an array as a struct, field by field).
+fn parse_object<'a, T: Deserialize<'a>>(text: &'a str) -> Result<T, String> {
+    if !text.trim_start().starts_with('{') {
+        return Err(match serde_json::from_str::<&RawValue>(text) {
+            Ok(_) => "expected a JSON object".to_string(),
+            Err(error) => format!("invalid JSON: {error}"),
+        });
+    }
+    serde_json::from_str(text).map_err(|error| format!("invalid JSON: {error}"))
+}
+
+/// Reads a required string field, naming it in the error.
+fn required_string(raw: Option<&RawValue>, name: &str) -> Result<String, String> {
+    let raw = raw.ok_or_else(|| format!("missing field `{name}`"))?;
+    serde_json::from_str::<String>(raw.get())
+        .map_err(|_| format!("field `{name}` must be a string"))
+}
+
+/// Reads a required topic name and checks it against the naming rule.
+fn required_topic(raw: Option<&RawValue>) -> Result<String, String> {
+    let topic = required_string(raw, "topic")?;
+    if !is_valid_topic_name(&topic) {
+        return Err(format!(
+            "field `topic` is not a valid topic name: {TOPIC_NAME_RULE}"
+        ));
+    }
+    Ok(topic)
+}
+
+fn required_client_id(raw: Option<&RawValue>) -> Result<String, String> {
+    let client_id = required_string(raw, "client_id")?;
+    if client_id.is_empty() {
+        return Err("field `client_id` must not be empty".to_string());
+    }
+    Ok(client_id)
+}
+
+/// How topic names are spelled; quoted in every error about one.
+const TOPIC_NAME_RULE: &str = "1 to 128 characters from A-Z a-z 0-9 _ - . :";
+
+fn is_valid_topic_name(name: &str) -> bool {
+    (1..=128).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':'))
+}
+
+impl<'a> ClientRequest<'a> {
+    /// Validates one text frame from a client.
+    fn parse(text: &'a str) -> Result<ClientRequest<'a>, Rejection> {
+        let raw: RawRequest<'a> = parse_object(text).map_err(|message| Rejection {
+            request_id: None,
+            message,
+        })?;
+        let request_id = match raw.request_id {
+            None => None,
+            Some(id) => Some(
+                serde_json::from_str::<String>(id.get()).map_err(|_| Rejection {
+                    request_id: None,
+                    message: "field `request_id` must be a string".to_string(),
+                })?,
+            ),
+        };
+        let op = Self::operation(&raw).map_err(|message| Rejection {
+            request_id: request_id.clone(),
+            message,
+        })?;
+        Ok(ClientRequest { request_id, op })
+    }
+
+    fn operation(raw: &RawRequest<'a>) -> Result<Operation<'a>, String> {
+        let kind = required_string(raw.kind, "type")?;
+        match kind.as_str() {
+            "subscribe" => Ok(Operation::Subscribe {
+                topic: required_topic(raw.topic)?,
+                client_id: required_client_id(raw.client_id)?,
+                last_n: match raw.last_n {
+                    None => 0,
+                    Some(n) => serde_json::from_str::<u64>(n.get())
+                        .map_err(|_| "field `last_n` must be a non-negative integer".to_string())?,
+                },
+            }),
+            "unsubscribe" => Ok(Operation::Unsubscribe {
+                topic: required_topic(raw.topic)?,
+                client_id: required_client_id(raw.client_id)?,
+            }),
+            "publish" => {
+                let topic = required_topic(raw.topic)?;
+                let message = raw.message.ok_or("missing field `message`")?;
+                let message: RawMessage<'a> = parse_object(message.get()).map_err(|_| {
+                    "field `message` must be an object with `id` and `payload`".to_string()
+                })?;
+                let id = required_string(message.id, "message.id")?;
+                if uuid::Uuid::try_parse(&id).is_err() {
+                    return Err(format!("field `message.id` must be a UUID, got {id:?}"));
+                }
+                let payload = message.payload.ok_or("missing field `message.payload`")?;
+                Ok(Operation::Publish { topic, id, payload })
+            }
+            "ping" => Ok(Operation::Ping),
+            other => Err(format!(
+                "unknown type {other:?}: expected subscribe, unsubscribe, publish or ping"
+            )),
+        }
+    }
+}
+
+/// Everything the server sends on a WebSocket, one JSON object per text frame.
+#[derive(Serialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+enum ServerMessage<'a> {
+    Ack {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        request_id: Option<&'a str>,
+        status: &'static str,
+        topic: &'a str,
+        ts: &'a str,
+    },
+    Event {
+        topic: &'a str,
+        message: EventMessage<'a>,
+        ts: &'a str,
+    },
+    Pong {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        request_id: Option<&'a str>,
+        ts: &'a str,
+    },
+    Error {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        request_id: Option<&'a str>,
+        error: ErrorBody<'a>,
+        ts: &'a str,
+    },
+    Info {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        topic: Option<&'a str>,
+        msg: &'a str,
+        ts: &'a str,
+    },
+}
+
+#[derive(Serialize)]
+struct EventMessage<'a> {
+    id: &'a str,
+    payload: &'a RawValue,
+}
+
+/// The `error` object of a WebSocket error message and of every REST failure body.
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    code: ErrorCode,
+    message: &'a str,
+}
+
+impl ServerMessage<'_> {
+    /// Serializes once; the result is shared by every queue it goes to.
+    fn to_frame(&self) -> Utf8Bytes {
+        // Serializing these types cannot fail (no maps with non-string keys, no I/O); should
+        // it ever, the client gets an INTERNAL error rather than the server a panic.
+        serde_json::to_string(self)
+            .unwrap_or_else(|_| {
+                r#"{"type":"error","error":{"code":"INTERNAL","message":"serialization failed"}}"#
+                    .into()
+            })
+            .into()
+    }
+}
+
+/// Now, as the RFC 3339 UTC string with milliseconds every server message carries as `ts`.
+fn timestamp() -> String {
+    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
+
+/// One item on a connection's outbound queue. Only the connection's writer thread turns items
+/// into bytes on the socket.
+#[derive(Debug)]
+enum Outgoing {
+    /// A complete JSON text frame: ack, event, error or info. An event's bytes are shared by
+    /// every subscriber's queue (`Utf8Bytes` clones share one buffer).
+    Text(Utf8Bytes),
+    /// A subscribe ack followed by its replayed events, queued as one item under the broker lock
+    /// so that no live event can come between them.
+    Batch(Box<[Utf8Bytes]>),
+    /// RFC 6455 5.5.3: a Pong echoing the application data of the Ping the reader received.
+    Pong(Bytes),
+    /// Send a Close frame with this code and reason, then write nothing more.
+    Close(CloseCode, &'static str),
+    /// Nothing to write: look at the session's [`Ending`] (sent when shutdown begins).
+    Wake,
+}
+
+/// The broker: topics, their replay rings and subscribers, and every WebSocket session's queue.
+/// A module of its own so that its private fields keep "subscribed ⇔ holds a live queue" true.
+mod broker {
+    use std::collections::{BTreeMap, HashMap, VecDeque};
+    use std::sync::atomic::{AtomicU8, Ordering};
+    use std::sync::mpsc::{SyncSender, TrySendError};
+    use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+    use tungstenite::Utf8Bytes;
+
+    use super::Outgoing;
+
+    /// Identifies one WebSocket connection for its whole life.
+    pub type SessionId = u64;
+
+    /// What an operation could not do. The broker never fails for any other reason.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum BrokerError {
+        TopicNotFound,
+        TopicExists,
+        /// Shutdown has begun: no new subscriptions or publishes.
+        Closed,
+    }
+
+    /// Why a session is ending. Set once, by the broker (slow consumer) or by shutdown; read by
+    /// the session's writer once its queue is empty, and by its reader before each request.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    #[repr(u8)]
+    pub enum Ending {
+        Open = 0,
+        /// Its queue overflowed: it was removed from every topic.
+        SlowConsumer = 1,
+        ShuttingDown = 2,
+    }
+
+    /// The shared cell holding a session's [`Ending`].
+    #[derive(Debug, Default)]
+    pub struct SessionControl(AtomicU8);
+
+    impl SessionControl {
+        pub fn ending(&self) -> Ending {
+            match self.0.load(Ordering::Acquire) {
+                0 => Ending::Open,
+                1 => Ending::SlowConsumer,
+                _ => Ending::ShuttingDown,
+            }
+        }
+
+        /// Records why the session ends; the first reason wins.
+        fn end(&self, why: Ending) {
+            let _ = self
+                .0
+                .compare_exchange(0, why as u8, Ordering::AcqRel, Ordering::Acquire);
+        }
+    }
+
+    /// Counts for `/topics` and `/stats`.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct TopicStats {
+        pub name: String,
+        pub messages: u64,
+        pub subscribers: usize,
+    }
+
+    /// The one broker, behind one mutex. Critical sections clone `Arc`s, push to `VecDeque`s and
+    /// `try_send` to bounded queues: nothing blocks, formats or does I/O under the lock.
+    pub struct Broker {
+        state: Mutex<State>,
+        ring_size: usize,
+    }
+
+    #[derive(Default)]
+    struct State {
+        topics: BTreeMap<Arc<str>, Topic>,
+        sessions: HashMap<SessionId, Session>,
+        closed: bool,
+    }
+
+    struct Topic {
+        /// The key it is filed under, shared with its subscribers' `Session::topics`.
+        name: Arc<str>,
+        /// The last `ring_size` events, oldest first, as the exact frames sent live.
+        ring: VecDeque<Utf8Bytes>,
+        /// Events ever published to the topic, not capped by the ring.
+        published: u64,
+        subscribers: Vec<Subscriber>,
+    }
+
+    struct Subscriber {
+        session: SessionId,
+        tx: SyncSender<Outgoing>,
+    }
+
+    struct Session {
+        tx: SyncSender<Outgoing>,
+        control: Arc<SessionControl>,
+        /// The topics this session is subscribed to: the reverse of `Topic::subscribers`.
+        topics: Vec<Arc<str>>,
+    }
+
+    impl Broker {
+        pub fn new(ring_size: usize) -> Broker {
+            Broker {
+                state: Mutex::new(State::default()),
+                ring_size,
+            }
+        }
+
+        /// A panic elsewhere while holding the lock leaves the state consistent (every mutation
+        /// below completes before anything that could panic), so a poisoned lock is used as is.
+        fn lock(&self) -> MutexGuard<'_, State> {
+            self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        }
+
+        pub fn create_topic(&self, name: &str) -> Result<(), BrokerError> {
+            let mut state = self.lock();
+            if state.topics.contains_key(name) {
+                return Err(BrokerError::TopicExists);
+            }
+            let name: Arc<str> = name.into();
+            let topic = Topic {
+                name: Arc::clone(&name),
+                ring: VecDeque::new(),
+                published: 0,
+                subscribers: Vec::new(),
+            };
+            state.topics.insert(name, topic);
+            Ok(())
+        }
+
+        /// Removes a topic; each of its subscribers is told with `notice` and stays connected.
+        pub fn delete_topic(&self, name: &str, notice: Utf8Bytes) -> Result<(), BrokerError> {
+            let mut state = self.lock();
+            let (name, topic) = state
+                .topics
+                .remove_entry(name)
+                .ok_or(BrokerError::TopicNotFound)?;
+            let mut overflowed = Vec::new();
+            for subscriber in &topic.subscribers {
+                if let Some(session) = state.sessions.get_mut(&subscriber.session) {
+                    session.topics.retain(|t| *t != name);
+                }
+                if subscriber
+                    .tx
+                    .try_send(Outgoing::Text(notice.clone()))
+                    .is_err()
+                {
+                    overflowed.push(subscriber.session);
+                }
+            }
+            for session in overflowed {
+                state.cut(session, Ending::SlowConsumer);
+            }
+            Ok(())
+        }
+
+        pub fn topic_stats(&self) -> Vec<TopicStats> {
+            let state = self.lock();
+            state
+                .topics
+                .iter()
+                .map(|(name, topic)| TopicStats {
+                    name: name.to_string(),
+                    messages: topic.published,
+                    subscribers: topic.subscribers.len(),
+                })
+                .collect()
+        }
+
+        /// (topics, active subscriptions) for `/health`.
+        pub fn totals(&self) -> (usize, usize) {
+            let state = self.lock();
+            let subscriptions = state.topics.values().map(|t| t.subscribers.len()).sum();
+            (state.topics.len(), subscriptions)
+        }
+
+        /// Registers a new WebSocket session and its queue. During shutdown the session is told
+        /// to end at once.
+        pub fn open_session(
+            &self,
+            id: SessionId,
+            tx: SyncSender<Outgoing>,
+            control: Arc<SessionControl>,
+        ) {
+            let mut state = self.lock();
+            if state.closed {
+                control.end(Ending::ShuttingDown);
+                let _ = tx.try_send(Outgoing::Wake);
+            }
+            state.sessions.insert(
+                id,
+                Session {
+                    tx,
+                    control,
+                    topics: Vec::new(),
+                },
+            );
+        }
+
+        /// Forgets a session and all its subscriptions.
+        pub fn close_session(&self, id: SessionId) {
+            self.lock().remove_session(id);
+        }
+
+        /// Subscribes a session and queues `ack` followed by up to `last_n` events from the
+        /// ring as one item, all under the lock, so replay and live delivery neither overlap nor
+        /// leave a gap. Subscribing again changes nothing and queues the ack alone. If even that
+        /// one item does not fit, the session is cut as a slow consumer.
+        pub fn subscribe(
+            &self,
+            id: SessionId,
+            name: &str,
+            ack: Utf8Bytes,
+            last_n: u64,
+        ) -> Result<(), BrokerError> {
+            let mut guard = self.lock();
+            let state = &mut *guard;
+            if state.closed {
+                return Err(BrokerError::Closed);
+            }
+            let topic = state
+                .topics
+                .get_mut(name)
+                .ok_or(BrokerError::TopicNotFound)?;
+            let Some(session) = state.sessions.get_mut(&id) else {
+                return Err(BrokerError::Closed);
+            };
+            let item = if session.topics.contains(&topic.name) {
+                Outgoing::Text(ack)
+            } else {
+                let replay = usize::try_from(last_n)
+                    .unwrap_or(usize::MAX)
+                    .min(topic.ring.len());
+                let frames = std::iter::once(ack)
+                    .chain(topic.ring.iter().skip(topic.ring.len() - replay).cloned());
+                topic.subscribers.push(Subscriber {
+                    session: id,
+                    tx: session.tx.clone(),
+                });
+                session.topics.push(Arc::clone(&topic.name));
+                if replay == 0 {
+                    Outgoing::Text(frames.take(1).next().unwrap_or_default())
+                } else {
+                    Outgoing::Batch(frames.collect())
+                }
+            };
+            if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) =
+                session.tx.try_send(item)
+            {
+                state.cut(id, Ending::SlowConsumer);
+            }
+            Ok(())
+        }
+
+        /// Unsubscribes a session; not being subscribed is fine.
+        pub fn unsubscribe(&self, id: SessionId, name: &str) -> Result<(), BrokerError> {
+            let mut state = self.lock();
+            if state.closed {
+                return Err(BrokerError::Closed);
+            }
+            let topic = state
+                .topics
+                .get_mut(name)
+                .ok_or(BrokerError::TopicNotFound)?;
+            topic.subscribers.retain(|s| s.session != id);
+            if let Some(session) = state.sessions.get_mut(&id) {
+                session.topics.retain(|t| &**t != name);
+            }
+            Ok(())
+        }
+
+        /// Appends an event to the topic's ring and queues it for every subscriber, without
+        /// waiting for any: a subscriber whose queue is full is cut as a slow consumer.
+        pub fn publish(&self, name: &str, event: Utf8Bytes) -> Result<(), BrokerError> {
+            let mut state = self.lock();
+            if state.closed {
+                return Err(BrokerError::Closed);
+            }
+            let ring_size = self.ring_size;
+            let topic = state
+                .topics
+                .get_mut(name)
+                .ok_or(BrokerError::TopicNotFound)?;
+            topic.published += 1;
+            if ring_size > 0 {
+                if topic.ring.len() == ring_size {
+                    topic.ring.pop_front();
+                }
+                topic.ring.push_back(event.clone());
+            }
+            let mut overflowed = Vec::new();
+            for subscriber in &topic.subscribers {
+                match subscriber.tx.try_send(Outgoing::Text(event.clone())) {
+                    Ok(()) => {}
+                    Err(TrySendError::Full(_)) => {
+                        overflowed.push((subscriber.session, Ending::SlowConsumer))
+                    }
+                    // Its writer is gone; the session's reader will close it, drop it now.
+                    Err(TrySendError::Disconnected(_)) => {
+                        overflowed.push((subscriber.session, Ending::Open))
+                    }
+                }
+            }
+            for (session, why) in overflowed {
+                state.cut(session, why);
+            }
+            Ok(())
+        }
+
+        /// Refuses new operations from now on and tells every session to flush and close.
+        pub fn shutdown(&self) {
+            let mut state = self.lock();
+            state.closed = true;
+            for session in state.sessions.values() {
+                session.control.end(Ending::ShuttingDown);
+                // A full queue needs no wake-up: its writer is busy and checks after draining.
+                let _ = session.tx.try_send(Outgoing::Wake);
+            }
+        }
+    }
+
+    impl State {
+        /// Removes a session from every topic and records why; its queue is dropped, so
+        /// nothing more is queued for it.
+        fn cut(&mut self, id: SessionId, why: Ending) {
+            if let Some(session) = self.remove_session(id) {
+                if why != Ending::Open {
+                    session.control.end(why);
+                }
+            }
+        }
+
+        fn remove_session(&mut self, id: SessionId) -> Option<Session> {
+            let session = self.sessions.remove(&id)?;
+            for name in &session.topics {
+                if let Some(topic) = self.topics.get_mut(name) {
+                    topic.subscribers.retain(|s| s.session != id);
+                }
+            }
+            Some(session)
+        }
+    }
+}
+
+/// State every thread shares.
+struct Shared {
+    config: Config,
+    broker: Broker,
+    connections: Connections,
+    started: Instant,
+    shutting_down: AtomicBool,
+    next_connection_id: AtomicU64,
+    /// Where tiny_http listens; REST connections are pumped there.
+    rest_addr: UnixSocketAddr,
+    /// `Content-Type: application/json`, built once.
+    json_header: tiny_http::Header,
+}
+
+impl Shared {
+    fn new(config: Config, rest_addr: UnixSocketAddr) -> Shared {
+        let json_header =
+            tiny_http::Header::from_bytes(&b"Content-Type"[..], &b"application/json"[..])
+                .unwrap_or_else(|()| unreachable!("a constant ASCII header is valid"));
+        Shared {
+            broker: Broker::new(config.ring_size),
+            config,
+            connections: Connections::default(),
+            started: Instant::now(),
+            shutting_down: AtomicBool::new(false),
+            next_connection_id: AtomicU64::new(1),
+            rest_addr,
+            json_header,
+        }
+    }
+
+    fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::SeqCst)
+    }
+}
+
+/// Every open client socket, so that shutdown can count the WebSockets still flushing and
+/// wake any thread still blocked on a socket.
+#[derive(Default)]
+struct Connections {
+    open: Mutex<OpenConnections>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct OpenConnections {
+    sockets: HashMap<u64, Arc<TcpStream>>,
+    websockets: usize,
+}
+
+/// Keeps a connection in [`Connections`] while it lives.
+struct Registration<'a> {
+    connections: &'a Connections,
+    id: u64,
+    websocket: bool,
+}
+
+impl Connections {
+    fn lock(&self) -> MutexGuard<'_, OpenConnections> {
+        self.open.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn register(&self, id: u64, socket: &Arc<TcpStream>) -> Registration<'_> {
+        self.lock().sockets.insert(id, Arc::clone(socket));
+        Registration {
+            connections: self,
+            id,
+            websocket: false,
+        }
+    }
+
+    /// Waits until every WebSocket session has ended or the deadline passes; returns how many
+    /// are left.
+    fn wait_for_websockets(&self, deadline: Instant) -> usize {
+        let timeout = deadline.saturating_duration_since(Instant::now());
+        let (open, _) = self
+            .changed
+            .wait_timeout_while(self.lock(), timeout, |open| open.websockets > 0)
+            .unwrap_or_else(PoisonError::into_inner);
+        open.websockets
+    }
+
+    /// Shuts every socket down, which wakes the threads blocked on them.
+    fn shutdown_all(&self) {
+        for socket in self.lock().sockets.values() {
+            let _ = socket.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+impl Registration<'_> {
+    /// Counts this connection as a WebSocket session until it ends.
+    fn mark_websocket(&mut self) {
+        self.connections.lock().websockets += 1;
+        self.websocket = true;
+    }
+}
+
+impl Drop for Registration<'_> {
+    fn drop(&mut self) {
+        let mut open = self.connections.lock();
+        open.sockets.remove(&self.id);
+        if self.websocket {
+            open.websockets -= 1;
+        }
+        self.connections.changed.notify_all();
+    }
+}
+
+/// Names a connection in log lines: its id and the peer's address.
+#[derive(Debug, Clone, Copy)]
+struct Peer {
+    id: u64,
+    addr: SocketAddr,
+}
+
+impl fmt::Display for Peer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "conn {} {}", self.id, self.addr)
+    }
+}
+
+/// Accepts connections until shutdown and gives each its own thread. An accept error (out of
+/// file descriptors, say) is logged and backed off from; a thread that cannot be started
+/// refuses that one connection.
+fn run_acceptor(listener: TcpListener, shared: &Arc<Shared>) {
+    loop {
+        let accepted = listener.accept();
+        if shared.is_shutting_down() {
+            return;
+        }
+        let (stream, addr) = match accepted {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                log::warn!("accept failed: {error}; retrying in {ACCEPT_BACKOFF:?}");
+                thread::sleep(ACCEPT_BACKOFF);
+                continue;
+            }
+        };
+        let peer = Peer {
+            id: shared.next_connection_id.fetch_add(1, Ordering::Relaxed),
+            addr,
+        };
+        let thread_shared = Arc::clone(shared);
+        let spawned = thread::Builder::new()
+            .name(format!("conn-{}", peer.id))
+            .stack_size(CONNECTION_STACK_SIZE)
+            .spawn(move || serve_connection(stream, peer, &thread_shared));
+        if let Err(error) = spawned {
+            log::warn!("{peer}: refused, cannot start a thread: {error}");
+        }
+    }
+}
+
+/// Runs one client connection to its end and logs that end once: expected ends (closed, reset,
+/// timed out) at debug, anything else at warn.
+fn serve_connection(stream: TcpStream, peer: Peer, shared: &Shared) {
+    log::debug!("{peer}: connected");
+    let socket = Arc::new(stream);
+    let mut registration = shared.connections.register(peer.id, &socket);
+    match dispatch(&socket, peer, shared, &mut registration) {
+        Ok(()) => log::debug!("{peer}: closed"),
+        Err(error) if is_expected_end(&error) => log::debug!("{peer}: closed: {error}"),
+        Err(error) => log::warn!("{peer}: failed: {error}"),
+    }
+}
+
+/// Peer gone or silent: the normal ways for a connection to end.
+fn is_expected_end(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::UnexpectedEof
+            | io::ErrorKind::WouldBlock
+            | io::ErrorKind::TimedOut
+            | io::ErrorKind::NotConnected
+    )
+}
+
+/// Where a connection goes, decided from its request line alone.
+#[derive(Debug, PartialEq, Eq)]
+enum Route {
+    WebSocket,
+    Rest,
+    /// The peer closed before sending a request line.
+    Closed,
+    /// The request line exceeded [`MAX_REQUEST_LINE`].
+    TooLong,
+}
+
+/// Routes one connection: `/ws` to the WebSocket session, anything else to REST.
+fn dispatch(
+    socket: &Arc<TcpStream>,
+    peer: Peer,
+    shared: &Shared,
+    registration: &mut Registration<'_>,
+) -> io::Result<()> {
+    socket.set_nodelay(true)?;
+    socket.set_write_timeout(Some(shared.config.write_timeout))?;
+    match peek_route(socket, Instant::now() + HANDSHAKE_TIMEOUT)? {
+        Route::WebSocket => {
+            registration.mark_websocket();
+            serve_ws(socket, peer, shared)
+        }
+        Route::Rest => proxy_to_rest(socket, peer, shared),
+        Route::Closed => Ok(()),
+        Route::TooLong => write_raw_error(
+            &mut &**socket,
+            StatusCode::URI_TOO_LONG,
+            ErrorCode::BadRequest,
+            &format!("request line longer than {MAX_REQUEST_LINE} bytes"),
+        ),
+    }
+}
+
+/// Peeks (without consuming) until the request line is complete, then routes on its path. The
+/// bytes stay in the socket for whoever serves the connection. A line that arrives in pieces is
+/// re-peeked after a short pause, since `peek` returns at once while any byte is waiting; the
+/// deadline bounds a client that trickles bytes.
+fn peek_route(socket: &TcpStream, deadline: Instant) -> io::Result<Route> {
+    let mut buf = vec![0u8; MAX_REQUEST_LINE];
+    let mut pause = Duration::from_millis(1);
+    loop {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "request line not received in time",
+            ));
+        }
+        socket.set_read_timeout(Some(remaining))?;
+        let n = socket.peek(&mut buf)?;
+        if n == 0 {
+            return Ok(Route::Closed);
+        }
+        if let Some(end) = buf[..n].iter().position(|&b| b == b'\n') {
+            return Ok(route_for_request_line(&buf[..end]));
+        }
+        if n == buf.len() {
+            return Ok(Route::TooLong);
+        }
+        thread::sleep(pause.min(remaining));
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
+}
+
+/// `GET /ws?api_key=k HTTP/1.1` → WebSocket; any other line → REST, which answers even
+/// nonsense with a proper HTTP error.
+fn route_for_request_line(line: &[u8]) -> Route {
+    let target = line.split(|&b| b == b' ').nth(1).unwrap_or_default();
+    let path = target.split(|&b| b == b'?').next().unwrap_or_default();
+    if path == b"/ws" {
+        Route::WebSocket
+    } else {
+        Route::Rest
+    }
+}
+
+/// Answers a connection that never reaches tiny_http or tungstenite with a JSON error, then
+/// closes it.
+fn write_raw_error(
+    out: &mut impl Write,
+    status: StatusCode,
+    code: ErrorCode,
+    message: &str,
+) -> io::Result<()> {
+    let body = error_json(code, message);
+    write!(
+        out,
+        "HTTP/1.1 {} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or(""),
+        body.len()
+    )?;
+    out.flush()
+}
+
+/// `{"error":{"code":...,"message":...}}`: the body of every REST failure.
+fn error_json(code: ErrorCode, message: &str) -> String {
+    #[derive(Serialize)]
+    struct Failure<'a> {
+        error: ErrorBody<'a>,
+    }
+    serde_json::to_string(&Failure {
+        error: ErrorBody { code, message },
+    })
+    .unwrap_or_default()
+}
+
+/// The reading side of a WebSocket's socket. It writes the handshake response; after that its
+/// writes go nowhere, because tungstenite's automatic pong and close replies must not interleave
+/// with the writer thread's frames: the reader forwards them as [`Outgoing`] items instead.
+struct ReaderSocket {
+    socket: Arc<TcpStream>,
+    handshake_done: bool,
+}
+
+impl Read for ReaderSocket {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        (&*self.socket).read(buf)
+    }
+}
+
+impl Write for ReaderSocket {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.handshake_done {
+            Ok(buf.len())
+        } else {
+            (&*self.socket).write(buf)
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The writing side of a WebSocket's socket, owned by the writer thread. It never reads.
+struct WriterSocket(Arc<TcpStream>);
+
+impl Read for WriterSocket {
+    fn read(&mut self, _buf: &mut [u8]) -> io::Result<usize> {
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "the writer never reads",
+        ))
+    }
+}
+
+impl Write for WriterSocket {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        (&*self.0).write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        (&*self.0).flush()
+    }
+}
+
+/// What one WebSocket session's threads share.
+struct Session<'a> {
+    id: u64,
+    peer: Peer,
+    shared: &'a Shared,
+    tx: SyncSender<Outgoing>,
+    control: Arc<SessionControl>,
+}
+
+/// Serves one WebSocket connection: handshake, then this thread reads requests while a writer
+/// thread sends everything queued for the connection.
+fn serve_ws(socket: &Arc<TcpStream>, peer: Peer, shared: &Shared) -> io::Result<()> {
+    let config = &shared.config;
+    let reader_socket = ReaderSocket {
+        socket: Arc::clone(socket),
+        handshake_done: false,
+    };
+    let authorize = |request: &UpgradeRequest, response: UpgradeResponse| {
+        if upgrade_is_authorized(request, config.api_key.as_deref()) {
+            Ok(response)
+        } else {
+            Err(json_error_response(
+                StatusCode::UNAUTHORIZED,
+                ErrorCode::Unauthorized,
+                "missing or wrong API key",
+            ))
+        }
+    };
+    let mut ws = match tungstenite::accept_hdr_with_config(
+        reader_socket,
+        authorize,
+        Some(config.websocket_config()),
+    ) {
+        Ok(ws) => ws,
+        Err(HandshakeError::Failure(tungstenite::Error::Http(response))) => {
+            log::debug!("{peer}: upgrade refused with {}", response.status());
+            return Ok(());
+        }
+        Err(HandshakeError::Failure(tungstenite::Error::Io(error))) => return Err(error),
+        Err(HandshakeError::Failure(error)) => {
+            log::debug!("{peer}: not a WebSocket upgrade: {error}");
+            let message = format!("/ws expects a WebSocket upgrade request: {error}");
+            return write_raw_error(
+                &mut &**socket,
+                StatusCode::BAD_REQUEST,
+                ErrorCode::BadRequest,
+                &message,
+            );
+        }
+        Err(HandshakeError::Interrupted(_)) => {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "WebSocket handshake not completed in time",
+            ))
+        }
+    };
+    ws.get_mut().handshake_done = true;
+    // A peer that sends nothing, not even a pong, for two heartbeat intervals is dropped: the
+    // read times out and the session ends.
+    socket.set_read_timeout(Some(config.heartbeat * 2))?;
+    log::debug!("{peer}: WebSocket session open");
+
+    let (tx, rx) = mpsc::sync_channel(config.queue_size);
+    let control = Arc::new(SessionControl::default());
+    let session = Session {
+        id: peer.id,
+        peer,
+        shared,
+        tx,
+        control: Arc::clone(&control),
+    };
+    shared
+        .broker
+        .open_session(session.id, session.tx.clone(), Arc::clone(&control));
+    let writer_ws = WebSocket::from_raw_socket(
+        WriterSocket(Arc::clone(socket)),
+        Role::Server,
+        Some(config.websocket_config()),
+    );
+    let writer = Writer {
+        ws: writer_ws,
+        rx,
+        control,
+        peer,
+        heartbeat: config.heartbeat,
+        queue_size: config.queue_size,
+    };
+    let writer = match thread::Builder::new()
+        .name(format!("ws-writer-{}", peer.id))
+        .stack_size(CONNECTION_STACK_SIZE)
+        .spawn(move || writer.run())
+    {
+        Ok(handle) => handle,
+        Err(error) => {
+            shared.broker.close_session(session.id);
+            return Err(error);
+        }
+    };
+
+    let end = read_requests(&mut ws, &session);
+    shared.broker.close_session(session.id);
+    match &end {
+        ReadEnd::ProtocolViolation(violation) => {
+            log::debug!("{peer}: protocol violation: {violation}")
+        }
+        end => log::debug!("{peer}: reader done: {end:?}"),
+    }
+    if let Some((code, reason)) = end.close_reply() {
+        // Blocks while the queue is full; the writer drains it or gives up at its write timeout.
+        let _ = session.tx.send(Outgoing::Close(code, reason));
+    }
+    drop(session);
+    join_quietly(writer);
+    match end {
+        ReadEnd::Failed(error) => Err(error),
+        _ => Ok(()),
+    }
+}
+
+/// Checks the API key of a WebSocket upgrade: the `X-API-Key` header or the `api_key` query
+/// parameter (browsers cannot set headers on a WebSocket).
+fn upgrade_is_authorized(request: &UpgradeRequest, api_key: Option<&str>) -> bool {
+    let Some(expected) = api_key else { return true };
+    let from_header = request
+        .headers()
+        .get("x-api-key")
+        .map(HeaderValue::as_bytes);
+    let from_query = request
+        .uri()
+        .query()
+        .unwrap_or_default()
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("api_key="))
+        .map(str::as_bytes);
+    [from_header, from_query]
+        .into_iter()
+        .flatten()
+        .any(|given| keys_match(expected, given))
+}
+
+/// Compares in constant time, so response timing does not reveal how much of a guess matched.
+fn keys_match(expected: &str, given: &[u8]) -> bool {
+    expected.as_bytes().ct_eq(given).into()
+}
+
+fn json_error_response(status: StatusCode, code: ErrorCode, message: &str) -> ErrorResponse {
+    let body = error_json(code, message);
+    let mut response = ErrorResponse::new(None);
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    *response.body_mut() = Some(body);
+    response
+}
+
+/// Why a WebSocket reader stopped.
+#[derive(Debug)]
+enum ReadEnd {
+    /// The client sent a Close frame with this code (if any).
+    PeerClosed(Option<CloseCode>),
+    /// Nothing arrived for two heartbeat intervals.
+    Silent,
+    /// A message over `MAX_MESSAGE_BYTES`.
+    TooBig,
+    /// A text frame that is not UTF-8.
+    InvalidUtf8,
+    /// A violation of RFC 6455 (unmasked frame, bad opcode, fragmented control frame, ...).
+    ProtocolViolation(String),
+    /// The writer has gone (write timeout or closed socket): nothing more can be sent.
+    WriterGone,
+    /// The connection dropped (reset, closed without a Close frame).
+    Dropped,
+    /// Anything else.
+    Failed(io::Error),
+}
+
+impl ReadEnd {
+    fn from_error(error: tungstenite::Error) -> ReadEnd {
+        use tungstenite::Error;
+        match error {
+            Error::ConnectionClosed | Error::AlreadyClosed => ReadEnd::Dropped,
+            Error::Io(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                ReadEnd::Silent
+            }
+            Error::Io(e) if is_expected_end(&e) => ReadEnd::Dropped,
+            Error::Io(e) => ReadEnd::Failed(e),
+            Error::Capacity(_) => ReadEnd::TooBig,
+            Error::Utf8(_) => ReadEnd::InvalidUtf8,
+            Error::Protocol(tungstenite::error::ProtocolError::ResetWithoutClosingHandshake) => {
+                ReadEnd::Dropped
+            }
+            Error::Protocol(violation) => ReadEnd::ProtocolViolation(violation.to_string()),
+            other => ReadEnd::Failed(io::Error::other(other.to_string())),
+        }
+    }
+
+    /// The Close frame the server sends because of this end, if the peer can still get one.
+    fn close_reply(&self) -> Option<(CloseCode, &'static str)> {
+        match self {
+            // RFC 6455 5.5.1: the endpoint echoes the status code it received.
+            ReadEnd::PeerClosed(code) => Some((code.unwrap_or(CloseCode::Normal), "")),
+            ReadEnd::Silent => Some((CloseCode::Away, "heartbeat timeout")),
+            ReadEnd::TooBig => Some((CloseCode::Size, "message too big")),
+            ReadEnd::InvalidUtf8 => Some((CloseCode::Invalid, "invalid UTF-8")),
+            ReadEnd::ProtocolViolation(_) => Some((CloseCode::Protocol, "protocol error")),
+            ReadEnd::WriterGone | ReadEnd::Dropped | ReadEnd::Failed(_) => None,
+        }
+    }
+}
+
+/// Reads and answers requests until the connection ends.
+fn read_requests(ws: &mut WebSocket<ReaderSocket>, session: &Session<'_>) -> ReadEnd {
+    loop {
+        let message = match ws.read() {
+            Ok(message) => message,
+            Err(error) => return ReadEnd::from_error(error),
+        };
+        // A session that is ending executes nothing more; it only waits for its close.
+        let ending = session.control.ending() != Ending::Open;
+        let reply = match message {
+            Message::Text(text) if !ending => handle_request(&text, session),
+            Message::Binary(_) if !ending => Some(Outgoing::Text(
+                ServerMessage::Error {
+                    request_id: None,
+                    error: ErrorBody {
+                        code: ErrorCode::BadRequest,
+                        message: "binary frames are not supported: send each request as a JSON text frame",
+                    },
+                    ts: &timestamp(),
+                }
+                .to_frame(),
+            )),
+            Message::Ping(data) => Some(Outgoing::Pong(data)),
+            Message::Close(frame) => return ReadEnd::PeerClosed(frame.map(|f| f.code)),
+            _ => None,
+        };
+        if let Some(reply) = reply {
+            if session.tx.send(reply).is_err() {
+                return ReadEnd::WriterGone;
+            }
+        }
+    }
+}
+
+/// Executes one request and returns the reply to queue, or `None` when the broker has queued it
+/// already (a subscribe ack travels with its replay).
+fn handle_request(text: &str, session: &Session<'_>) -> Option<Outgoing> {
+    let ts = timestamp();
+    let request = match ClientRequest::parse(text) {
+        Ok(request) => request,
+        Err(rejection) => {
+            return Some(error_reply(
+                rejection.request_id.as_deref(),
+                ErrorCode::BadRequest,
+                &rejection.message,
+                &ts,
+            ))
+        }
+    };
+    let request_id = request.request_id.as_deref();
+    let broker = &session.shared.broker;
+    let ack = |topic: &str| {
+        ServerMessage::Ack {
+            request_id,
+            status: "ok",
+            topic,
+            ts: &ts,
+        }
+        .to_frame()
+    };
+    let outcome = match &request.op {
+        Operation::Ping => {
+            return Some(Outgoing::Text(
+                ServerMessage::Pong {
+                    request_id,
+                    ts: &ts,
+                }
+                .to_frame(),
+            ))
+        }
+        Operation::Subscribe {
+            topic,
+            client_id,
+            last_n,
+        } => {
+            let result = broker.subscribe(session.id, topic, ack(topic), *last_n);
+            if result.is_ok() {
+                log::debug!(
+                    "{}: client {client_id:?} subscribed to {topic:?} (last_n {last_n})",
+                    session.peer
+                );
+                return None;
+            }
+            result.map(|()| topic)
+        }
+        Operation::Unsubscribe { topic, client_id } => {
+            let result = broker.unsubscribe(session.id, topic);
+            if result.is_ok() {
+                log::debug!(
+                    "{}: client {client_id:?} unsubscribed from {topic:?}",
+                    session.peer
+                );
+            }
+            result.map(|()| topic)
+        }
+        Operation::Publish { topic, id, payload } => {
+            let event = ServerMessage::Event {
+                topic,
+                message: EventMessage { id, payload },
+                ts: &ts,
+            }
+            .to_frame();
+            broker.publish(topic, event).map(|()| topic)
+        }
+    };
+    Some(match outcome {
+        Ok(topic) => Outgoing::Text(ack(topic)),
+        Err(error) => {
+            let topic = request.op.topic().unwrap_or_default();
+            let (code, message) = match error {
+                BrokerError::TopicNotFound => (
+                    ErrorCode::TopicNotFound,
+                    format!("topic {topic:?} does not exist"),
+                ),
+                BrokerError::TopicExists => (
+                    ErrorCode::Internal,
+                    format!("topic {topic:?} already exists"),
+                ),
+                BrokerError::Closed => (
+                    ErrorCode::Internal,
+                    "the server is shutting down".to_string(),
+                ),
+            };
+            error_reply(request_id, code, &message, &ts)
+        }
+    })
+}
+
+impl Operation<'_> {
+    fn topic(&self) -> Option<&str> {
+        match self {
+            Operation::Subscribe { topic, .. }
+            | Operation::Unsubscribe { topic, .. }
+            | Operation::Publish { topic, .. } => Some(topic),
+            Operation::Ping => None,
+        }
+    }
+}
+
+fn error_reply(request_id: Option<&str>, code: ErrorCode, message: &str, ts: &str) -> Outgoing {
+    Outgoing::Text(
+        ServerMessage::Error {
+            request_id,
+            error: ErrorBody { code, message },
+            ts,
+        }
+        .to_frame(),
+    )
+}
+
+/// The writer of one WebSocket: the only thread that writes to its socket after the handshake.
+struct Writer {
+    ws: WebSocket<WriterSocket>,
+    rx: Receiver<Outgoing>,
+    control: Arc<SessionControl>,
+    peer: Peer,
+    heartbeat: Duration,
+    queue_size: usize,
+}
+
+impl Writer {
+    /// Writes until the session closes, then drops the TCP connection, which also wakes the
+    /// reader if it is still blocked on the socket.
+    fn run(mut self) {
+        if let Err(error) = self.write_until_closed() {
+            log::debug!("{}: writer stopped: {error}", self.peer);
+        }
+        let socket = Arc::clone(&self.ws.get_ref().0);
+        // Our Close frame is out (or cannot be sent): no more data from us. The reader sees the
+        // client's Close reply or EOF and ends, dropping the last sender.
+        let _ = socket.shutdown(Shutdown::Write);
+        let deadline = Instant::now() + CLOSE_TIMEOUT;
+        while let Ok(_) | Err(RecvTimeoutError::Timeout) = self
+            .rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            if Instant::now() >= deadline {
+                break;
+            }
+        }
+        let _ = socket.shutdown(Shutdown::Both);
+    }
+
+    /// Writes queued items in batches, one flush per batch, and a heartbeat every interval.
+    /// Returns once a Close frame has been sent or the queue is disconnected.
+    fn write_until_closed(&mut self) -> tungstenite::Result<()> {
+        let mut next_heartbeat = Instant::now() + self.heartbeat;
+        loop {
+            match self
+                .rx
+                .recv_timeout(next_heartbeat.saturating_duration_since(Instant::now()))
+            {
+                Ok(item) => {
+                    if self.write_item(item)? {
+                        return Ok(());
+                    }
+                    // Everything already queued goes out in the same flush.
+                    loop {
+                        match self.rx.try_recv() {
+                            Ok(item) => {
+                                if self.write_item(item)? {
+                                    return Ok(());
+                                }
+                            }
+                            Err(TryRecvError::Empty) => break,
+                            Err(TryRecvError::Disconnected) => return self.ws.flush(),
+                        }
+                    }
+                    self.ws.flush()?;
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return Ok(()),
+            }
+            // The queue is empty here, so everything queued before the ending has been written.
+            match self.control.ending() {
+                Ending::Open => {}
+                Ending::SlowConsumer => {
+                    let message = format!(
+                        "outbound queue full (QUEUE_SIZE={}): every subscription of this connection was \
+                         removed; events up to this message were delivered, none after",
+                        self.queue_size
+                    );
+                    let error = ErrorBody {
+                        code: ErrorCode::SlowConsumer,
+                        message: &message,
+                    };
+                    let frame = ServerMessage::Error {
+                        request_id: None,
+                        error,
+                        ts: &timestamp(),
+                    }
+                    .to_frame();
+                    self.ws.write(Message::Text(frame))?;
+                    return self.close(CloseCode::Policy, "slow consumer");
+                }
+                Ending::ShuttingDown => {
+                    let frame = ServerMessage::Info {
+                        topic: None,
+                        msg: "server_shutdown",
+                        ts: &timestamp(),
+                    }
+                    .to_frame();
+                    self.ws.write(Message::Text(frame))?;
+                    return self.close(CloseCode::Away, "server shutdown");
+                }
+            }
+            if Instant::now() >= next_heartbeat {
+                self.ws.write(Message::Ping(Bytes::new()))?;
+                let frame = ServerMessage::Info {
+                    topic: None,
+                    msg: "ping",
+                    ts: &timestamp(),
+                }
+                .to_frame();
+                self.ws.write(Message::Text(frame))?;
+                self.ws.flush()?;
+                next_heartbeat = Instant::now() + self.heartbeat;
+            }
+        }
+    }
+
+    /// Encodes one item; returns true once a Close frame has been sent.
+    fn write_item(&mut self, item: Outgoing) -> tungstenite::Result<bool> {
+        match item {
+            Outgoing::Text(frame) => self.ws.write(Message::Text(frame))?,
+            Outgoing::Batch(frames) => {
+                for frame in frames {
+                    self.ws.write(Message::Text(frame))?;
+                }
+            }
+            Outgoing::Pong(data) => self.ws.write(Message::Pong(data))?,
+            Outgoing::Close(code, reason) => {
+                self.close(code, reason)?;
+                return Ok(true);
+            }
+            Outgoing::Wake => {}
+        }
+        Ok(false)
+    }
+
+    fn close(&mut self, code: CloseCode, reason: &'static str) -> tungstenite::Result<()> {
+        let frame = CloseFrame {
+            code,
+            reason: Utf8Bytes::from_static(reason),
+        };
+        match self.ws.close(Some(frame)) {
+            Ok(()) | Err(tungstenite::Error::ConnectionClosed) => Ok(()),
+            Err(error) => Err(error),
+        }
+    }
+}
+
+/// Pumps a REST connection's bytes to tiny_http and back. tiny_http only serves connections it
+/// accepts itself and cannot adopt a socket we accepted, so it listens on a private unix socket
+/// and this thread copies the client's bytes there while a second thread copies the answers
+/// back. The request line is still unread (we only peeked), so tiny_http sees the whole request.
+fn proxy_to_rest(client: &Arc<TcpStream>, peer: Peer, shared: &Shared) -> io::Result<()> {
+    let backend = Arc::new(UnixStream::connect_addr(&shared.rest_addr)?);
+    client.set_read_timeout(Some(REST_IDLE_TIMEOUT))?;
+    let responses = {
+        let (client, backend) = (Arc::clone(client), Arc::clone(&backend));
+        thread::Builder::new()
+            .name(format!("rest-out-{}", peer.id))
+            .stack_size(CONNECTION_STACK_SIZE)
+            .spawn(move || {
+                let copied = io::copy(&mut &*backend, &mut &*client);
+                // tiny_http is done with this connection: so are we, even if the client is
+                // still sending (that also wakes the upload pump below).
+                let _ = client.shutdown(Shutdown::Both);
+                copied
+            })?
+    };
+    let uploaded = io::copy(&mut &**client, &mut &*backend);
+    // Tell tiny_http the client has finished; it answers what it has read, then closes.
+    let _ = backend.shutdown(Shutdown::Write);
+    let downloaded = responses
+        .join()
+        .unwrap_or_else(|_| Err(io::Error::other("response pump panicked")));
+    uploaded.and(downloaded).map(drop)
+}
+
+/// Serves REST requests that tiny_http has parsed, until shutdown unblocks it.
+fn run_rest_worker(server: &tiny_http::Server, shared: &Shared) {
+    while let Ok(request) = server.recv() {
+        handle_rest(request, shared);
+    }
+}
+
+/// A REST failure: its status comes from the variant, its body is `{"error":{...}}`.
+#[derive(Debug, PartialEq, Eq)]
+enum RestError {
+    BadRequest(String),
+    Unauthorized,
+    NotFound,
+    TopicNotFound(String),
+    TopicExists(String),
+    MethodNotAllowed(&'static str),
+    PayloadTooLarge(usize),
+}
+
+impl RestError {
+    fn status(&self) -> u16 {
+        match self {
+            RestError::BadRequest(_) => 400,
+            RestError::Unauthorized => 401,
+            RestError::NotFound | RestError::TopicNotFound(_) => 404,
+            RestError::MethodNotAllowed(_) => 405,
+            RestError::TopicExists(_) => 409,
+            RestError::PayloadTooLarge(_) => 413,
+        }
+    }
+
+    fn code(&self) -> ErrorCode {
+        match self {
+            RestError::BadRequest(_) => ErrorCode::BadRequest,
+            RestError::Unauthorized => ErrorCode::Unauthorized,
+            RestError::NotFound => ErrorCode::NotFound,
+            RestError::TopicNotFound(_) => ErrorCode::TopicNotFound,
+            RestError::TopicExists(_) => ErrorCode::TopicExists,
+            RestError::MethodNotAllowed(_) => ErrorCode::MethodNotAllowed,
+            RestError::PayloadTooLarge(_) => ErrorCode::PayloadTooLarge,
+        }
+    }
+
+    fn message(&self) -> String {
+        match self {
+            RestError::BadRequest(message) => message.clone(),
+            RestError::Unauthorized => "missing or wrong X-API-Key header".to_string(),
+            RestError::NotFound => "no such route: see README.md for the REST API".to_string(),
+            RestError::TopicNotFound(name) => format!("topic {name:?} does not exist"),
+            RestError::TopicExists(name) => format!("topic {name:?} already exists"),
+            RestError::MethodNotAllowed(allow) => {
+                format!("method not allowed here; allowed: {allow}")
+            }
+            RestError::PayloadTooLarge(limit) => {
+                format!("body larger than MAX_MESSAGE_BYTES ({limit} bytes)")
+            }
+        }
+    }
+}
+
+/// A REST success: status and JSON body.
+type RestReply = (u16, String);
+
+/// The REST routes, parsed from a request path.
+#[derive(Debug, PartialEq, Eq)]
+enum RestRoute<'a> {
+    Topics,
+    Topic(&'a str),
+    Health,
+    Stats,
+}
+
+impl<'a> RestRoute<'a> {
+    fn parse(path: &'a str) -> Option<RestRoute<'a>> {
+        match path {
+            "/topics" => Some(RestRoute::Topics),
+            "/health" => Some(RestRoute::Health),
+            "/stats" => Some(RestRoute::Stats),
+            _ => path
+                .strip_prefix("/topics/")
+                .filter(|name| !name.is_empty() && !name.contains('/'))
+                .map(RestRoute::Topic),
+        }
+    }
+
+    /// The `Allow` header of a 405 on this route.
+    fn allowed_methods(&self) -> &'static str {
+        match self {
+            RestRoute::Topics => "GET, POST",
+            RestRoute::Topic(_) => "DELETE",
+            RestRoute::Health | RestRoute::Stats => "GET",
+        }
+    }
+}
+
+/// Answers one REST request; a failed answer means the client has gone.
+fn handle_rest(mut request: tiny_http::Request, shared: &Shared) {
+    let (status, body, allow) = match route_rest(&mut request, shared) {
+        Ok((status, body)) => (status, body, None),
+        Err(error) => {
+            let allow = match error {
+                RestError::MethodNotAllowed(allow) => Some(allow),
+                _ => None,
+            };
+            (
+                error.status(),
+                error_json(error.code(), &error.message()),
+                allow,
+            )
+        }
+    };
+    log::debug!(
+        "REST {} {} -> {status}",
+        request.method(),
+        request.url().split('?').next().unwrap_or_default()
+    );
+    let mut response = tiny_http::Response::from_string(body)
+        .with_status_code(status)
+        .with_header(shared.json_header.clone());
+    if let Some(header) =
+        allow.and_then(|allow| tiny_http::Header::from_bytes(&b"Allow"[..], allow.as_bytes()).ok())
+    {
+        response.add_header(header);
+    }
+    if let Err(error) = request.respond(response) {
+        log::debug!("REST response not delivered: {error}");
+    }
+}
+
+fn route_rest(request: &mut tiny_http::Request, shared: &Shared) -> Result<RestReply, RestError> {
+    use tiny_http::Method;
+    let path = request
+        .url()
+        .split('?')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let method = request.method().clone();
+    // Liveness probes must work without the key; nothing else does.
+    let open_to_all = method == Method::Get && path == "/health";
+    if let Some(expected) = shared.config.api_key.as_deref() {
+        let given = request
+            .headers()
+            .iter()
+            .find(|h| h.field.equiv("X-API-Key"))
+            .map(|h| h.value.as_bytes());
+        if !open_to_all && !given.is_some_and(|given| keys_match(expected, given)) {
+            return Err(RestError::Unauthorized);
+        }
+    }
+    let route = RestRoute::parse(&path).ok_or(RestError::NotFound)?;
+    match (&route, method) {
+        (RestRoute::Topics, Method::Get) => Ok(list_topics(shared)),
+        (RestRoute::Topics, Method::Post) => {
+            let body = read_body(request, shared.config.max_message_bytes)?;
+            create_topic(&body, shared)
+        }
+        (RestRoute::Topic(name), Method::Delete) => delete_topic(name, shared),
+        (RestRoute::Health, Method::Get) => Ok(health(shared)),
+        (RestRoute::Stats, Method::Get) => Ok(stats(shared)),
+        _ => Err(RestError::MethodNotAllowed(route.allowed_methods())),
+    }
+}
+
+/// Reads a request body of at most `limit` bytes, whatever its Content-Type.
+fn read_body(request: &mut tiny_http::Request, limit: usize) -> Result<Vec<u8>, RestError> {
+    if request.body_length().is_some_and(|length| length > limit) {
+        return Err(RestError::PayloadTooLarge(limit));
+    }
+    let mut body = Vec::new();
+    request
+        .as_reader()
+        .take(limit as u64 + 1)
+        .read_to_end(&mut body)
+        .map_err(|error| {
+            RestError::BadRequest(format!("could not read the request body: {error}"))
+        })?;
+    if body.len() > limit {
+        return Err(RestError::PayloadTooLarge(limit));
+    }
+    Ok(body)
+}
+
+fn list_topics(shared: &Shared) -> RestReply {
+    let topics: Vec<_> = shared
+        .broker
+        .topic_stats()
+        .into_iter()
+        .map(|t| serde_json::json!({"name": t.name, "subscribers": t.subscribers}))
+        .collect();
+    (200, serde_json::json!({ "topics": topics }).to_string())
+}
+
+fn create_topic(body: &[u8], shared: &Shared) -> Result<RestReply, RestError> {
+    #[derive(Deserialize)]
+    struct CreateTopic<'a> {
+        #[serde(borrow, default, deserialize_with = "present")]
+        name: Option<&'a RawValue>,
+    }
+    let text = std::str::from_utf8(body)
+        .map_err(|_| RestError::BadRequest("body is not UTF-8".to_string()))?;
+    if text.trim().is_empty() {
+        return Err(RestError::BadRequest(
+            r#"empty body: expected {"name": "<topic>"}"#.to_string(),
+        ));
+    }
+    let request: CreateTopic<'_> = parse_object(text).map_err(RestError::BadRequest)?;
+    let name = required_string(request.name, "name").map_err(RestError::BadRequest)?;
+    if !is_valid_topic_name(&name) {
+        return Err(RestError::BadRequest(format!(
+            "invalid topic name {name:?}: {TOPIC_NAME_RULE}"
+        )));
+    }
+    match shared.broker.create_topic(&name) {
+        Ok(()) => {
+            log::info!("topic {name:?} created");
+            Ok((
+                201,
+                serde_json::json!({"status": "created", "topic": name}).to_string(),
+            ))
+        }
+        Err(_) => Err(RestError::TopicExists(name)),
+    }
+}
+
+fn delete_topic(name: &str, shared: &Shared) -> Result<RestReply, RestError> {
+    let notice = ServerMessage::Info {
+        topic: Some(name),
+        msg: "topic_deleted",
+        ts: &timestamp(),
+    }
+    .to_frame();
+    match shared.broker.delete_topic(name, notice) {
+        Ok(()) => {
+            log::info!("topic {name:?} deleted");
+            Ok((
+                200,
+                serde_json::json!({"status": "deleted", "topic": name}).to_string(),
+            ))
+        }
+        Err(_) => Err(RestError::TopicNotFound(name.to_string())),
+    }
+}
+
+fn health(shared: &Shared) -> RestReply {
+    #[derive(Serialize)]
+    struct Health {
+        uptime_sec: u64,
+        topics: usize,
+        subscribers: usize,
+    }
+    let (topics, subscribers) = shared.broker.totals();
+    let health = Health {
+        uptime_sec: shared.started.elapsed().as_secs(),
+        topics,
+        subscribers,
+    };
+    (200, serde_json::to_string(&health).unwrap_or_default())
+}
+
+fn stats(shared: &Shared) -> RestReply {
+    let topics: serde_json::Map<String, serde_json::Value> = shared
+        .broker
+        .topic_stats()
+        .into_iter()
+        .map(|t| {
+            (
+                t.name,
+                serde_json::json!({"messages": t.messages, "subscribers": t.subscribers}),
+            )
+        })
+        .collect();
+    (200, serde_json::json!({ "topics": topics }).to_string())
+}
+
+/// The address a self-connect uses to wake the acceptor: the bound one, with an unspecified IP
+/// (`0.0.0.0`, `::`) replaced by loopback.
+fn wake_addr(bound: SocketAddr) -> SocketAddr {
+    let ip = match bound.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    SocketAddr::new(ip, bound.port())
+}
+
+fn signal_name(signal: i32) -> &'static str {
+    match signal {
+        SIGTERM => "SIGTERM",
+        SIGINT => "SIGINT",
+        _ => "a signal",
+    }
+}
+
+/// Joins a thread; a panic in it has already been reported by the panic hook.
+fn join_quietly<T>(handle: JoinHandle<T>) {
+    let _ = handle.join();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Parses `input` as a client request and compares the outcome's debug form.
+    fn check(input: &str, expected: &str) {
+        let actual = match ClientRequest::parse(input) {
+            Ok(request) => format!("{:?} {:?}", request.request_id, request.op),
+            Err(rejection) => format!(
+                "{:?} BAD_REQUEST {}",
+                rejection.request_id, rejection.message
+            ),
+        };
+        assert_eq!(actual, expected, "input: {input}");
+    }
+
+    #[test]
+    fn parses_valid_requests() {
+        check(r#"{"type":"ping","request_id":"p1"}"#, r#"Some("p1") Ping"#);
+        check(
+            r#"{"type":"subscribe","topic":"orders","client_id":"c1","last_n":5}"#,
+            r#"None Subscribe { topic: "orders", client_id: "c1", last_n: 5 }"#,
+        );
+        check(
+            r#"{"type":"unsubscribe","topic":"a.b:c-d_e","client_id":"c1"}"#,
+            r#"None Unsubscribe { topic: "a.b:c-d_e", client_id: "c1" }"#,
+        );
+        check(
+            r#"{"type":"publish","topic":"t","message":{"id":"9b2f8a4e-1c3d-4e5f-8a6b-7c8d9e0f1a2b","payload":{"b":1,"a":[1.50,null]}}}"#,
+            r#"None Publish { topic: "t", id: "9b2f8a4e-1c3d-4e5f-8a6b-7c8d9e0f1a2b", payload: RawValue({"b":1,"a":[1.50,null]}) }"#,
+        );
+        check(
+            r#"{"type":"publish","topic":"t","message":{"id":"9b2f8a4e-1c3d-4e5f-8a6b-7c8d9e0f1a2b","payload":null}}"#,
+            r#"None Publish { topic: "t", id: "9b2f8a4e-1c3d-4e5f-8a6b-7c8d9e0f1a2b", payload: RawValue(null) }"#,
+        );
+    }
+
+    #[test]
+    fn rejects_malformed_requests_naming_the_field() {
+        check(
+            "not json",
+            "None BAD_REQUEST invalid JSON: expected ident at line 1 column 2",
+        );
+        check("[1,2]", "None BAD_REQUEST expected a JSON object");
+        check(
+            r#"{"request_id":"r"}"#,
+            r#"Some("r") BAD_REQUEST missing field `type`"#,
+        );
+        check(
+            r#"{"type":7}"#,
+            "None BAD_REQUEST field `type` must be a string",
+        );
+        check(
+            r#"{"type":"dance","request_id":"r"}"#,
+            r#"Some("r") BAD_REQUEST unknown type "dance": expected subscribe, unsubscribe, publish or ping"#,
+        );
+        check(
+            r#"{"type":"ping","request_id":5}"#,
+            "None BAD_REQUEST field `request_id` must be a string",
+        );
+        check(
+            r#"{"type":"subscribe","client_id":"c"}"#,
+            "None BAD_REQUEST missing field `topic`",
+        );
+        check(
+            r#"{"type":"subscribe","topic":null,"client_id":"c"}"#,
+            "None BAD_REQUEST field `topic` must be a string",
+        );
+        check(
+            r#"{"type":"subscribe","topic":"t"}"#,
+            "None BAD_REQUEST missing field `client_id`",
+        );
+        check(
+            r#"{"type":"subscribe","topic":"t","client_id":"c","last_n":-1}"#,
+            "None BAD_REQUEST field `last_n` must be a non-negative integer",
+        );
+        check(
+            r#"{"type":"subscribe","topic":"t","client_id":"c","last_n":1.5}"#,
+            "None BAD_REQUEST field `last_n` must be a non-negative integer",
+        );
+        check(
+            r#"{"type":"subscribe","topic":"bad name","client_id":"c"}"#,
+            "None BAD_REQUEST field `topic` is not a valid topic name: 1 to 128 characters from A-Z a-z 0-9 _ - . :",
+        );
+        check(
+            r#"{"type":"publish","topic":"t"}"#,
+            "None BAD_REQUEST missing field `message`",
+        );
+        check(
+            r#"{"type":"publish","topic":"t","message":"hi"}"#,
+            "None BAD_REQUEST field `message` must be an object with `id` and `payload`",
+        );
+        check(
+            r#"{"type":"publish","topic":"t","message":{"id":"nope","payload":1}}"#,
+            r#"None BAD_REQUEST field `message.id` must be a UUID, got "nope""#,
+        );
+        check(
+            r#"{"type":"publish","topic":"t","message":{"id":"9b2f8a4e-1c3d-4e5f-8a6b-7c8d9e0f1a2b"}}"#,
+            "None BAD_REQUEST missing field `message.payload`",
+        );
+    }
+
+    #[test]
+    fn topic_names_follow_the_rule() {
+        assert!(is_valid_topic_name("orders.eu-1:new_"));
+        assert!(is_valid_topic_name(&"a".repeat(128)));
+        assert!(!is_valid_topic_name(&"a".repeat(129)));
+        assert!(!is_valid_topic_name(""));
+        assert!(!is_valid_topic_name("a/b"));
+        assert!(!is_valid_topic_name("é"));
+    }
+
+    #[test]
+    fn routes_on_the_request_line_path() {
+        assert_eq!(
+            route_for_request_line(b"GET /ws HTTP/1.1\r"),
+            Route::WebSocket
+        );
+        assert_eq!(
+            route_for_request_line(b"GET /ws?api_key=k HTTP/1.1\r"),
+            Route::WebSocket
+        );
+        assert_eq!(route_for_request_line(b"GET /wsx HTTP/1.1\r"), Route::Rest);
+        assert_eq!(
+            route_for_request_line(b"GET /topics HTTP/1.1\r"),
+            Route::Rest
+        );
+        assert_eq!(route_for_request_line(b"garbage"), Route::Rest);
+    }
+
+    #[test]
+    fn config_rejects_bad_values_naming_the_variable() {
+        let parse = |pairs: &[(&str, &str)]| {
+            let pairs: Vec<(String, String)> = pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            Invocation::parse(Vec::new(), move |var| {
+                pairs.iter().find(|(k, _)| k == var).map(|(_, v)| v.clone())
+            })
+        };
+        assert!(matches!(parse(&[]), Ok(Invocation::Run(_))));
+        for (var, value) in [
+            ("PORT", "99999"),
+            ("RING_SIZE", "abc"),
+            ("QUEUE_SIZE", "0"),
+            ("LOG_LEVEL", "LOUD"),
+            ("HEARTBEAT_SEC", "0"),
+            ("WRITE_TIMEOUT_SEC", "-1"),
+            ("SHUTDOWN_GRACE_SEC", "soon"),
+            ("MAX_MESSAGE_BYTES", "1"),
+            ("API_KEY", ""),
+            ("HOST", "not a host!"),
+        ] {
+            let error = parse(&[(var, value)]).unwrap_err();
+            assert!(error.starts_with(&format!("invalid {var}=")), "{error}");
+        }
+        let Ok(Invocation::Run(config)) =
+            parse(&[("HEARTBEAT_SEC", "0.5"), ("LOG_LEVEL", "debug")])
+        else {
+            panic!("valid settings refused")
+        };
+        assert_eq!(config.heartbeat, Duration::from_millis(500));
+        assert_eq!(config.log_level, log::LevelFilter::Debug);
+    }
+
+    #[test]
+    fn flags_override_the_environment() {
+        let args = ["--port", "9001", "--ring-size=7"].map(String::from);
+        let Ok(Invocation::Run(config)) =
+            Invocation::parse(args, |_| Some("1".to_string()).filter(|_| false))
+        else {
+            panic!("flags refused")
+        };
+        assert_eq!(config.bind_addr.port(), 9001);
+        assert_eq!(config.ring_size, 7);
+        assert!(Invocation::parse(["--bogus".to_string()], |_| None).is_err());
+        assert!(matches!(
+            Invocation::parse(["--help".to_string()], |_| None),
+            Ok(Invocation::Help)
+        ));
+    }
+
+    /// A broker with one session whose queue holds `queue_size` items.
+    fn broker_with_session(
+        ring_size: usize,
+        queue_size: usize,
+    ) -> (Broker, Receiver<Outgoing>, Arc<SessionControl>) {
+        let broker = Broker::new(ring_size);
+        let (tx, rx) = mpsc::sync_channel(queue_size);
+        let control = Arc::new(SessionControl::default());
+        broker.open_session(1, tx, Arc::clone(&control));
+        broker.create_topic("t").unwrap();
+        (broker, rx, control)
+    }
+
+    fn texts(item: Outgoing) -> Vec<String> {
+        match item {
+            Outgoing::Text(frame) => vec![frame.to_string()],
+            Outgoing::Batch(frames) => frames.iter().map(|f| f.to_string()).collect(),
+            other => vec![format!("{other:?}")],
+        }
+    }
+
+    #[test]
+    fn subscribe_queues_ack_and_replay_as_one_item() {
+        let (broker, rx, _) = broker_with_session(3, 10);
+        for n in 1..=5 {
+            broker
+                .publish("t", Utf8Bytes::from(format!("e{n}")))
+                .unwrap();
+        }
+        broker.subscribe(1, "t", "ack".into(), 10).unwrap();
+        assert_eq!(texts(rx.try_recv().unwrap()), ["ack", "e3", "e4", "e5"]);
+        broker.publish("t", "e6".into()).unwrap();
+        assert_eq!(texts(rx.try_recv().unwrap()), ["e6"]);
+        // Subscribing again: the ack only, no replay, no second copy of later events.
+        broker.subscribe(1, "t", "ack2".into(), 10).unwrap();
+        broker.publish("t", "e7".into()).unwrap();
+        assert_eq!(texts(rx.try_recv().unwrap()), ["ack2"]);
+        assert_eq!(texts(rx.try_recv().unwrap()), ["e7"]);
+        assert!(rx.try_recv().is_err());
+        assert_eq!(broker.topic_stats()[0].messages, 7);
+    }
+
+    #[test]
+    fn a_full_queue_cuts_the_session_from_every_topic() {
+        let (broker, rx, control) = broker_with_session(0, 2);
+        broker.create_topic("u").unwrap();
+        broker.subscribe(1, "t", "ack".into(), 0).unwrap();
+        broker.subscribe(1, "u", "ack".into(), 0).unwrap();
+        assert_eq!(broker.totals(), (2, 2));
+        broker.publish("t", "e1".into()).unwrap();
+        assert_eq!(control.ending(), Ending::SlowConsumer);
+        assert_eq!(broker.totals(), (2, 0));
+        broker.publish("u", "e2".into()).unwrap();
+        assert_eq!(texts(rx.try_recv().unwrap()), ["ack"]);
+        assert_eq!(texts(rx.try_recv().unwrap()), ["ack"]);
+        assert!(rx.try_recv().is_err(), "nothing is queued after the cut");
+    }
+
+    #[test]
+    fn deleting_a_topic_notifies_and_unsubscribes() {
+        let (broker, rx, control) = broker_with_session(10, 10);
+        broker.subscribe(1, "t", "ack".into(), 0).unwrap();
+        broker.delete_topic("t", "gone".into()).unwrap();
+        assert_eq!(texts(rx.try_recv().unwrap()), ["ack"]);
+        assert_eq!(texts(rx.try_recv().unwrap()), ["gone"]);
+        assert_eq!(broker.totals(), (0, 0));
+        assert_eq!(control.ending(), Ending::Open);
+        assert_eq!(
+            broker.publish("t", "x".into()),
+            Err(BrokerError::TopicNotFound)
+        );
+        assert_eq!(
+            broker.delete_topic("t", "gone".into()),
+            Err(BrokerError::TopicNotFound)
+        );
+    }
+
+    #[test]
+    fn shutdown_refuses_operations_and_wakes_sessions() {
+        let (broker, rx, control) = broker_with_session(10, 10);
+        broker.shutdown();
+        assert_eq!(control.ending(), Ending::ShuttingDown);
+        assert!(matches!(rx.try_recv(), Ok(Outgoing::Wake)));
+        assert_eq!(broker.publish("t", "x".into()), Err(BrokerError::Closed));
+        assert_eq!(
+            broker.subscribe(1, "t", "ack".into(), 0),
+            Err(BrokerError::Closed)
+        );
+    }
+
+    #[test]
+    fn server_messages_serialize_as_the_spec_shows() {
+        let payload = RawValue::from_string(r#"{"z":1,"a":2}"#.to_string()).unwrap();
+        let event = ServerMessage::Event {
+            topic: "orders",
+            message: EventMessage {
+                id: "id1",
+                payload: &payload,
+            },
+            ts: "T",
+        };
+        assert_eq!(
+            event.to_frame().as_str(),
+            r#"{"type":"event","topic":"orders","message":{"id":"id1","payload":{"z":1,"a":2}},"ts":"T"}"#
+        );
+        let ack = ServerMessage::Ack {
+            request_id: Some("r1"),
+            status: "ok",
+            topic: "orders",
+            ts: "T",
+        };
+        assert_eq!(
+            ack.to_frame().as_str(),
+            r#"{"type":"ack","request_id":"r1","status":"ok","topic":"orders","ts":"T"}"#
+        );
+        let info = ServerMessage::Info {
+            topic: None,
+            msg: "ping",
+            ts: "T",
+        };
+        assert_eq!(
+            info.to_frame().as_str(),
+            r#"{"type":"info","msg":"ping","ts":"T"}"#
+        );
+        assert_eq!(
+            error_json(ErrorCode::TopicExists, "m"),
+            r#"{"error":{"code":"TOPIC_EXISTS","message":"m"}}"#
+        );
+    }
+
+    #[test]
+    fn timestamps_are_rfc3339_utc_with_millis() {
+        let ts = timestamp();
+        assert_eq!(ts.len(), "2026-11-27T06:24:44.123Z".len(), "{ts}");
+        assert!(ts.ends_with('Z') && ts.as_bytes()[10] == b'T', "{ts}");
+    }
+}
