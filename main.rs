@@ -52,7 +52,7 @@ use std::os::unix::net::{SocketAddr as UnixSocketAddr, UnixListener, UnixStream}
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TryRecvError};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -147,7 +147,8 @@ fn run(config: Config) -> io::Result<()> {
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
 
     // tiny_http listens on an abstract unix socket: no file to clean up, nothing reachable from
-    // the network, and no file system needed (the image is FROM scratch, without /tmp).
+    // the network, no file system needed (the image is FROM scratch, without /tmp), and no
+    // Nagle delays on the hop.
     let rest_name = format!(
         "pubsub-backend-{}-{}",
         std::process::id(),
@@ -155,18 +156,20 @@ fn run(config: Config) -> io::Result<()> {
     );
     let rest_addr = UnixSocketAddr::from_abstract_name(rest_name.as_bytes())?;
     let rest_listener = UnixListener::bind_addr(&rest_addr)?;
-    let rest_server = Arc::new(
-        tiny_http::Server::from_listener(rest_listener, None)
-            .map_err(|e| io::Error::other(e.to_string()))?,
-    );
+    let rest_server = tiny_http::Server::from_listener(rest_listener, None)
+        .map_err(|e| io::Error::other(e.to_string()))?;
+    // tiny_http's `Drop` unwraps a socket path that an abstract socket does not have, so the
+    // server lives in a static, which is never dropped; the process exit ends its threads.
+    static REST_SERVER: OnceLock<tiny_http::Server> = OnceLock::new();
+    let rest_server = REST_SERVER.get_or_init(|| rest_server);
 
     let shared = Arc::new(Shared::new(config, rest_addr));
     let workers = (0..REST_WORKERS)
         .map(|n| {
-            let (rest_server, shared) = (Arc::clone(&rest_server), Arc::clone(&shared));
+            let shared = Arc::clone(&shared);
             thread::Builder::new()
                 .name(format!("rest-worker-{n}"))
-                .spawn(move || run_rest_worker(&rest_server, &shared))
+                .spawn(move || run_rest_worker(rest_server, &shared))
         })
         .collect::<io::Result<Vec<_>>>()?;
     let acceptor = {
