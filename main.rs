@@ -61,7 +61,7 @@ use serde_json::value::RawValue;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use subtle::ConstantTimeEq;
 use tungstenite::handshake::server::{
-    ErrorResponse, Request as UpgradeRequest, Response as UpgradeResponse,
+    Callback, ErrorResponse, Request as UpgradeRequest, Response as UpgradeResponse,
 };
 use tungstenite::handshake::HandshakeError;
 use tungstenite::http::{header, HeaderValue, StatusCode};
@@ -1505,16 +1505,8 @@ fn serve_ws(socket: &Arc<TcpStream>, peer: Peer, shared: &Shared) -> io::Result<
         socket: Arc::clone(socket),
         handshake_done: false,
     };
-    let authorize = |request: &UpgradeRequest, response: UpgradeResponse| {
-        if upgrade_is_authorized(request, config.api_key.as_deref()) {
-            Ok(response)
-        } else {
-            Err(json_error_response(
-                StatusCode::UNAUTHORIZED,
-                ErrorCode::Unauthorized,
-                "missing or wrong API key",
-            ))
-        }
+    let authorize = UpgradeAuth {
+        api_key: config.api_key.as_deref(),
     };
     let mut ws = match tungstenite::accept_hdr_with_config(
         reader_socket,
@@ -1604,6 +1596,30 @@ fn serve_ws(socket: &Arc<TcpStream>, peer: Peer, shared: &Shared) -> io::Result<
     match end {
         ReadEnd::Failed(error) => Err(error),
         _ => Ok(()),
+    }
+}
+
+/// tungstenite's handshake callback: refuses an upgrade without the right API key with 401.
+struct UpgradeAuth<'a> {
+    api_key: Option<&'a str>,
+}
+
+impl Callback for UpgradeAuth<'_> {
+    fn on_request(
+        self,
+        request: &UpgradeRequest,
+        response: UpgradeResponse,
+    ) -> Result<UpgradeResponse, ErrorResponse> {
+        if upgrade_is_authorized(request, self.api_key) {
+            Ok(response)
+        } else {
+            let message = "missing or wrong API key (X-API-Key header or api_key query parameter)";
+            Err(json_error_response(
+                StatusCode::UNAUTHORIZED,
+                ErrorCode::Unauthorized,
+                message,
+            ))
+        }
     }
 }
 

@@ -1,0 +1,63 @@
+//! The slow consumer: a subscriber whose queue overflows is cut, told why, and closed, while
+//! everyone else carries on (SPEC section 4, "Backpressure").
+
+use std::thread;
+
+use serde_json::json;
+use tungstenite::protocol::frame::coding::CloseCode;
+
+use crate::harness::Server;
+use crate::http_client::{create_topic, health, subscriber_count};
+use crate::ws_client::{assert_error, seq, WsClient};
+
+/// Bytes of filler per event, so a few hundred events fill the kernel's socket buffers.
+const FILLER_BYTES: usize = 64 * 1024;
+
+/// Publishes beyond this many without a cut mean the server never cuts slow consumers.
+const MAX_EVENTS: u64 = 3000;
+
+#[test]
+fn a_slow_consumer_gets_slow_consumer_then_1008_while_others_carry_on() {
+    let server = Server::start_with(&[("QUEUE_SIZE", "8"), ("WRITE_TIMEOUT_SEC", "60")]);
+    create_topic(server.addr, "orders");
+    let mut slow = WsClient::connect(server.addr);
+    slow.subscribe("orders", None);
+    let mut reader = WsClient::connect(server.addr);
+    reader.subscribe("orders", None);
+    let reader = thread::spawn(move || reader.recv_sequence_until_last("orders"));
+
+    // Publish until /stats shows the slow subscriber gone; every publish must still be acked.
+    let mut publisher = WsClient::connect(server.addr);
+    let filler = "x".repeat(FILLER_BYTES);
+    let cut_at = (0..MAX_EVENTS)
+        .find(|&seq| {
+            publisher.publish("orders", json!({"seq": seq, "filler": filler}));
+            subscriber_count(server.addr, "orders") == 1
+        })
+        .expect("the slow subscriber was never cut");
+    assert_eq!(health(server.addr)["subscribers"], 1);
+    publisher.publish("orders", json!({"seq": cut_at + 1, "last": true}));
+
+    let read_by_reader = reader.join().unwrap();
+    assert_eq!(read_by_reader, (0..=cut_at + 1).collect::<Vec<_>>());
+
+    // Now the slow client reads: a prefix of the events without gaps, the error, the close.
+    let mut read_by_slow = Vec::new();
+    let error = loop {
+        let message = slow.recv_json();
+        if message["type"] != "event" {
+            break message;
+        }
+        read_by_slow.push(seq(&message["message"]["payload"]));
+    };
+    assert_error(&error, "SLOW_CONSUMER");
+    assert_eq!(
+        read_by_slow,
+        (0..read_by_slow.len() as u64).collect::<Vec<_>>()
+    );
+    assert!(
+        (read_by_slow.len() as u64) <= cut_at,
+        "event {cut_at}, which did not fit, was delivered"
+    );
+    assert_eq!(slow.expect_close(), CloseCode::Policy);
+}

@@ -1,0 +1,241 @@
+//! Launching the server binary, signalling and reaping it, and waiting for conditions.
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::process::{Child, ChildStderr, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+/// The longest any single wait in a test may take before it counts as a failure.
+pub const DEADLINE: Duration = Duration::from_secs(10);
+
+/// How long a refused start-up may take: a config error must stop the process at once.
+const START_UP_REFUSAL_DEADLINE: Duration = Duration::from_secs(5);
+
+/// How often [`wait_until`] re-checks its condition.
+const POLL_INTERVAL: Duration = Duration::from_millis(10);
+
+/// Every variable the server reads (SPEC section 1). They are removed from the inherited
+/// environment so that a developer's shell cannot change what a test sees.
+pub const CONFIG_VARIABLES: [&str; 10] = [
+    "HOST",
+    "PORT",
+    "RING_SIZE",
+    "QUEUE_SIZE",
+    "LOG_LEVEL",
+    "HEARTBEAT_SEC",
+    "SHUTDOWN_GRACE_SEC",
+    "WRITE_TIMEOUT_SEC",
+    "MAX_MESSAGE_BYTES",
+    "API_KEY",
+];
+
+/// The text before the address in the server's start-up log line.
+const LISTENING_MARKER: &str = "listening on ";
+
+/// A running server on a free port of 127.0.0.1, killed when dropped.
+pub struct Server {
+    /// Where the server accepts REST and WebSocket connections.
+    pub addr: SocketAddr,
+    child: Child,
+    /// Every stderr line so far, appended by the `log_drain` thread.
+    log: Arc<Mutex<Vec<String>>>,
+    /// Reads stderr until EOF, so the server never blocks on a full pipe.
+    log_drain: Option<JoinHandle<()>>,
+}
+
+impl Server {
+    /// Starts the server with the test defaults (`HOST=127.0.0.1 PORT=0 LOG_LEVEL=DEBUG`).
+    pub fn start() -> Server {
+        Server::start_with(&[])
+    }
+
+    /// Starts the server with `overrides` on top of the test defaults and waits until it listens.
+    pub fn start_with(overrides: &[(&str, &str)]) -> Server {
+        let mut child = server_command(overrides)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("cannot launch the server binary");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let log_drain = drain_lines(child.stderr.take().unwrap(), Arc::clone(&log));
+        // Built before the wait so that `Drop` kills the child if the wait panics.
+        let mut server = Server {
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            child,
+            log,
+            log_drain: Some(log_drain),
+        };
+        server.addr = server.await_listening_address();
+        server
+    }
+
+    /// A copy of the stderr lines logged so far.
+    pub fn log_lines(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Every stderr line the server ever wrote; only valid once it has exited.
+    pub fn log_lines_after_exit(&mut self) -> Vec<String> {
+        assert!(
+            self.child.try_wait().unwrap().is_some(),
+            "the server is still running"
+        );
+        if let Some(log_drain) = self.log_drain.take() {
+            log_drain.join().unwrap();
+        }
+        self.log_lines()
+    }
+
+    /// Sends SIGTERM, as `docker stop` does.
+    pub fn sigterm(&self) {
+        self.signal("TERM");
+    }
+
+    /// Sends the signal `name` (such as `"INT"`) with kill(1).
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{name} failed");
+    }
+
+    /// Waits up to `timeout` for the process to exit; `None` if it is still running.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        wait_for_exit(&mut self.child, timeout)
+    }
+
+    fn await_listening_address(&mut self) -> SocketAddr {
+        let started = Instant::now();
+        loop {
+            let lines = self.log_lines();
+            if let Some(addr) = lines.iter().find_map(|line| parse_listening_address(line)) {
+                return addr;
+            }
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("the server exited ({status}) before listening; stderr:\n{lines:#?}");
+            }
+            assert!(
+                started.elapsed() < DEADLINE,
+                "no `{LISTENING_MARKER}` line within {DEADLINE:?}; stderr:\n{lines:#?}"
+            );
+            thread::sleep(POLL_INTERVAL);
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // SIGKILL: the process may already be gone, which is fine.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What a process that ran to its end printed, and how it ended.
+#[derive(Debug)]
+pub struct Finished {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs the binary with `args` and `overrides` and waits for it to exit on its own, which it
+/// must do promptly (flags, refused configuration).
+pub fn run_to_exit(args: &[&str], overrides: &[(&str, &str)]) -> Finished {
+    let mut child = server_command(overrides)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cannot launch the server binary");
+    let stdout = read_in_background(child.stdout.take().unwrap());
+    let stderr = read_in_background(child.stderr.take().unwrap());
+    let status = wait_for_exit(&mut child, START_UP_REFUSAL_DEADLINE);
+    if status.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let finished = Finished {
+        code: status.and_then(|status| status.code()),
+        stdout: stdout.join().unwrap(),
+        stderr: stderr.join().unwrap(),
+    };
+    assert!(
+        status.is_some(),
+        "{args:?} with {overrides:?} still ran after {START_UP_REFUSAL_DEADLINE:?}: {finished:?}"
+    );
+    finished
+}
+
+/// Polls `condition` until it holds; panics naming `what` after [`DEADLINE`].
+pub fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !condition() {
+        assert!(
+            started.elapsed() < DEADLINE,
+            "timed out waiting until {what}"
+        );
+        thread::sleep(POLL_INTERVAL);
+    }
+}
+
+/// The binary with a clean configuration: test defaults, then `overrides`.
+fn server_command(overrides: &[(&str, &str)]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_pubsub-backend"));
+    for variable in CONFIG_VARIABLES {
+        command.env_remove(variable);
+    }
+    command
+        .envs([("HOST", "127.0.0.1"), ("PORT", "0"), ("LOG_LEVEL", "DEBUG")])
+        .envs(overrides.iter().copied())
+        .stdin(Stdio::null());
+    command
+}
+
+/// The address in a line such as `... listening on 127.0.0.1:41234 (ws://127.0.0.1:41234/ws)`;
+/// `None` for other lines, including tiny_http's own `Server listening on "name" (abstract)`.
+fn parse_listening_address(line: &str) -> Option<SocketAddr> {
+    let (_, rest) = line.split_once(LISTENING_MARKER)?;
+    let word = rest.split_whitespace().next()?;
+    let word = word.trim_start_matches("http://");
+    word.trim_end_matches(|c: char| !c.is_ascii_digit())
+        .parse()
+        .ok()
+}
+
+fn wait_for_exit(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        if started.elapsed() >= timeout {
+            return None;
+        }
+        thread::sleep(POLL_INTERVAL);
+    }
+}
+
+fn drain_lines(stderr: ChildStderr, log: Arc<Mutex<Vec<String>>>) -> JoinHandle<()> {
+    thread::spawn(move || {
+        let mut stderr = BufReader::new(stderr);
+        let mut line = Vec::new();
+        while stderr.read_until(b'\n', &mut line).unwrap_or(0) > 0 {
+            let text = String::from_utf8_lossy(&line).trim_end().to_owned();
+            log.lock().unwrap().push(text);
+            line.clear();
+        }
+    })
+}
+
+fn read_in_background(mut pipe: impl Read + Send + 'static) -> JoinHandle<String> {
+    thread::spawn(move || {
+        let mut bytes = Vec::new();
+        let _ = pipe.read_to_end(&mut bytes);
+        String::from_utf8_lossy(&bytes).into_owned()
+    })
+}
