@@ -41,8 +41,9 @@
 
 #![forbid(unsafe_code)]
 
+use std::borrow::Cow;
 use std::collections::HashMap;
-use std::fmt;
+use std::fmt::{self, Write as _};
 use std::io::{self, Read, Write};
 use std::net::{
     IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs,
@@ -69,7 +70,7 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tungstenite::{Bytes, Message, Utf8Bytes, WebSocket};
 
-use broker::{Broker, BrokerError, Ending, SessionControl};
+use broker::{Broker, BrokerError, Ending, Replay, SessionControl};
 
 /// How long a new connection may take to send its request line and complete the WebSocket
 /// handshake. A client that says nothing for this long is dropped (slowloris protection).
@@ -554,7 +555,7 @@ enum Operation<'a> {
     Subscribe {
         topic: String,
         client_id: String,
-        last_n: u64,
+        replay: Replay,
     },
     Unsubscribe {
         topic: String,
@@ -592,10 +593,15 @@ struct RawRequest<'a> {
     #[serde(borrow, default, deserialize_with = "present")]
     last_n: Option<&'a RawValue>,
     #[serde(borrow, default, deserialize_with = "present")]
+    since_seq: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    epoch: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
     message: Option<&'a RawValue>,
 }
 
-/// The `message` of a publish, untyped like [`RawRequest`].
+/// The `message` of a WebSocket publish and the body of an HTTP publish, untyped like
+/// [`RawRequest`].
 #[derive(Deserialize)]
 struct RawMessage<'a> {
     #[serde(borrow, default, deserialize_with = "present")]
@@ -687,11 +693,7 @@ impl<'a> ClientRequest<'a> {
             "subscribe" => Ok(Operation::Subscribe {
                 topic: required_topic(raw.topic)?,
                 client_id: required_client_id(raw.client_id)?,
-                last_n: match raw.last_n {
-                    None => 0,
-                    Some(n) => serde_json::from_str::<u64>(n.get())
-                        .map_err(|_| "field `last_n` must be a non-negative integer".to_string())?,
-                },
+                replay: Self::replay(raw)?,
             }),
             "unsubscribe" => Ok(Operation::Unsubscribe {
                 topic: required_topic(raw.topic)?,
@@ -703,10 +705,7 @@ impl<'a> ClientRequest<'a> {
                 let message: RawMessage<'a> = parse_object(message.get()).map_err(|_| {
                     "field `message` must be an object with `id` and `payload`".to_string()
                 })?;
-                let id = required_string(message.id, "message.id")?;
-                if uuid::Uuid::try_parse(&id).is_err() {
-                    return Err(format!("field `message.id` must be a UUID, got {id:?}"));
-                }
+                let id = required_message_id(message.id, "message.id")?;
                 let payload = message.payload.ok_or("missing field `message.payload`")?;
                 Ok(Operation::Publish { topic, id, payload })
             }
@@ -716,19 +715,56 @@ impl<'a> ClientRequest<'a> {
             )),
         }
     }
+
+    /// `last_n: N` replays the last N events; `since_seq: N` with `epoch: E` resumes after
+    /// event N of that epoch; neither replays nothing.
+    fn replay(raw: &RawRequest<'a>) -> Result<Replay, String> {
+        match (raw.last_n, raw.since_seq, raw.epoch) {
+            (Some(_), Some(_), _) => {
+                Err("give either `last_n` or `since_seq`, not both".to_string())
+            }
+            (Some(n), None, None) => Ok(Replay::LastN(non_negative(n, "last_n")?)),
+            (None, Some(seq), Some(epoch)) => Ok(Replay::Since {
+                seq: non_negative(seq, "since_seq")?,
+                epoch: required_string(Some(epoch), "epoch")?,
+            }),
+            (None, Some(_), None) => Err("missing field `epoch`: `since_seq` needs it".to_string()),
+            (_, None, Some(_)) => Err("field `epoch` goes with `since_seq`".to_string()),
+            (None, None, None) => Ok(Replay::LastN(0)),
+        }
+    }
+}
+
+fn non_negative(raw: &RawValue, name: &str) -> Result<u64, String> {
+    serde_json::from_str::<u64>(raw.get())
+        .map_err(|_| format!("field `{name}` must be a non-negative integer"))
+}
+
+/// Reads a message id: a UUID string, kept as the client spelled it.
+fn required_message_id(raw: Option<&RawValue>, name: &str) -> Result<String, String> {
+    let id = required_string(raw, name)?;
+    if uuid::Uuid::try_parse(&id).is_err() {
+        return Err(format!("field `{name}` must be a UUID, got {id:?}"));
+    }
+    Ok(id)
 }
 
 /// Everything the server sends on a WebSocket, one JSON object per text frame.
 #[derive(Serialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 enum ServerMessage<'a> {
+    /// A publish ack carries the `seq` the message got; a subscribe ack is finished by the
+    /// broker with the topic's `epoch`, last `seq` and, on resume, `recovered`.
     Ack {
         #[serde(skip_serializing_if = "Option::is_none")]
         request_id: Option<&'a str>,
         status: &'static str,
         topic: &'a str,
         ts: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        seq: Option<u64>,
     },
+    /// Serialized without `seq`; the broker appends it (see [`Unfinished`]).
     Event {
         topic: &'a str,
         message: EventMessage<'a>,
@@ -742,6 +778,12 @@ enum ServerMessage<'a> {
     Error {
         #[serde(skip_serializing_if = "Option::is_none")]
         request_id: Option<&'a str>,
+        /// On `SLOW_CONSUMER`: the topic whose event did not fit and the `seq` of the last
+        /// event of it queued before the cut, where a reconnecting client resumes.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        topic: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        seq: Option<u64>,
         error: ErrorBody<'a>,
         ts: &'a str,
     },
@@ -780,6 +822,48 @@ impl ServerMessage<'_> {
     }
 }
 
+/// A server message serialized before the broker knows all of its fields: the JSON object
+/// without its closing brace. Under its lock, where the order of publishes and so the numbers
+/// are decided, the broker appends the fields only it knows and the brace: string pushes,
+/// nothing that serializes or can fail.
+#[derive(Debug)]
+pub struct Unfinished(String);
+
+impl Unfinished {
+    fn new(message: &ServerMessage<'_>) -> Unfinished {
+        let mut text = message.to_frame().to_string();
+        text.pop(); // the closing `}` of the object
+        Unfinished(text)
+    }
+
+    /// Finishes an event: `…,"seq":42}`.
+    fn with_seq(&self, seq: u64) -> Utf8Bytes {
+        self.finish(|text| {
+            let _ = write!(text, ",\"seq\":{seq}");
+        })
+    }
+
+    /// Finishes a subscribe ack: `…,"epoch":"…","seq":42,"recovered":true}`.
+    fn with_position(&self, epoch: &str, seq: u64, recovered: Option<bool>) -> Utf8Bytes {
+        self.finish(|text| {
+            // The epoch is hexadecimal: nothing to escape.
+            let _ = write!(text, ",\"epoch\":\"{epoch}\",\"seq\":{seq}");
+            if let Some(recovered) = recovered {
+                let _ = write!(text, ",\"recovered\":{recovered}");
+            }
+        })
+    }
+
+    fn finish(&self, append: impl FnOnce(&mut String)) -> Utf8Bytes {
+        let mut text = String::with_capacity(self.0.len() + 64);
+        text.push_str(&self.0);
+        // Writing to a String cannot fail.
+        append(&mut text);
+        text.push('}');
+        text.into()
+    }
+}
+
 /// Now, as the RFC 3339 UTC string with milliseconds every server message carries as `ts`.
 fn timestamp() -> String {
     humantime::format_rfc3339_millis(SystemTime::now()).to_string()
@@ -809,11 +893,11 @@ mod broker {
     use std::collections::{BTreeMap, HashMap, VecDeque};
     use std::sync::atomic::{AtomicU8, Ordering};
     use std::sync::mpsc::{SyncSender, TrySendError};
-    use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+    use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 
     use tungstenite::Utf8Bytes;
 
-    use super::Outgoing;
+    use super::{Outgoing, Unfinished};
 
     /// Identifies one WebSocket connection for its whole life.
     pub type SessionId = u64;
@@ -827,6 +911,16 @@ mod broker {
         Closed,
     }
 
+    /// What a subscription replays before live events.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub enum Replay {
+        /// The last N events the ring holds (0: none).
+        LastN(u64),
+        /// Every event after `seq` of `epoch`, if the ring still holds them all; otherwise
+        /// none, and the ack says `recovered: false`.
+        Since { seq: u64, epoch: String },
+    }
+
     /// Why a session is ending. Set once, by the broker (slow consumer) or by shutdown; read by
     /// the session's writer once its queue is empty, and by its reader before each request.
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -838,23 +932,33 @@ mod broker {
         ShuttingDown = 2,
     }
 
-    /// The shared cell holding a session's [`Ending`].
+    /// What the broker tells a session's threads: why it ends and, after a slow-consumer cut,
+    /// where the client can resume.
     #[derive(Debug, Default)]
-    pub struct SessionControl(AtomicU8);
+    pub struct SessionControl {
+        ending: AtomicU8,
+        cut_position: OnceLock<(Arc<str>, u64)>,
+    }
 
     impl SessionControl {
         pub fn ending(&self) -> Ending {
-            match self.0.load(Ordering::Acquire) {
+            match self.ending.load(Ordering::Acquire) {
                 0 => Ending::Open,
                 1 => Ending::SlowConsumer,
                 _ => Ending::ShuttingDown,
             }
         }
 
+        /// The topic whose event did not fit and the `seq` of its last event queued before
+        /// the cut.
+        pub fn cut_position(&self) -> Option<(&str, u64)> {
+            self.cut_position.get().map(|(topic, seq)| (&**topic, *seq))
+        }
+
         /// Records why the session ends; the first reason wins.
         fn end(&self, why: Ending) {
             let _ = self
-                .0
+                .ending
                 .compare_exchange(0, why as u8, Ordering::AcqRel, Ordering::Acquire);
         }
     }
@@ -867,8 +971,24 @@ mod broker {
         pub subscribers: usize,
     }
 
-    /// The one broker, behind one mutex. Critical sections clone `Arc`s, push to `VecDeque`s and
-    /// `try_send` to bounded queues: nothing blocks, formats or does I/O under the lock.
+    /// One event in a topic's ring: its number and the exact frame sent live.
+    #[derive(Debug, Clone)]
+    pub struct RingEntry {
+        pub seq: u64,
+        pub frame: Utf8Bytes,
+    }
+
+    /// What `GET /topics/{name}/messages` shows: the topic's position and ring entries.
+    #[derive(Debug)]
+    pub struct History {
+        pub epoch: String,
+        pub last_seq: u64,
+        pub entries: Vec<RingEntry>,
+    }
+
+    /// The one broker, behind one mutex. Critical sections clone `Arc`s, push to `VecDeque`s,
+    /// append a number to a pre-serialized frame and `try_send` to bounded queues: nothing
+    /// blocks, serializes or does I/O under the lock.
     pub struct Broker {
         state: Mutex<State>,
         ring_size: usize,
@@ -884,10 +1004,15 @@ mod broker {
     struct Topic {
         /// The key it is filed under, shared with its subscribers' `Session::topics`.
         name: Arc<str>,
-        /// The last `ring_size` events, oldest first, as the exact frames sent live.
-        ring: VecDeque<Utf8Bytes>,
-        /// Events ever published to the topic, not capped by the ring.
-        published: u64,
+        /// Made when the topic is created: a topic deleted and created again numbers its
+        /// events afresh, and the new epoch tells resuming clients so.
+        epoch: String,
+        /// The `seq` of the last event published, which is also how many were ever published
+        /// (the first is 1); 0 before any.
+        last_seq: u64,
+        /// The last `ring_size` events, oldest first; their `seq`s are consecutive and end at
+        /// `last_seq`.
+        ring: VecDeque<RingEntry>,
         subscribers: Vec<Subscriber>,
     }
 
@@ -917,7 +1042,7 @@ mod broker {
             self.state.lock().unwrap_or_else(PoisonError::into_inner)
         }
 
-        pub fn create_topic(&self, name: &str) -> Result<(), BrokerError> {
+        pub fn create_topic(&self, name: &str, epoch: String) -> Result<(), BrokerError> {
             let mut state = self.lock();
             if state.topics.contains_key(name) {
                 return Err(BrokerError::TopicExists);
@@ -925,8 +1050,9 @@ mod broker {
             let name: Arc<str> = name.into();
             let topic = Topic {
                 name: Arc::clone(&name),
+                epoch,
+                last_seq: 0,
                 ring: VecDeque::new(),
-                published: 0,
                 subscribers: Vec::new(),
             };
             state.topics.insert(name, topic);
@@ -936,14 +1062,14 @@ mod broker {
         /// Removes a topic; each of its subscribers is told with `notice` and stays connected.
         pub fn delete_topic(&self, name: &str, notice: Utf8Bytes) -> Result<(), BrokerError> {
             let mut state = self.lock();
-            let (name, topic) = state
+            let topic = state
                 .topics
-                .remove_entry(name)
+                .remove(name)
                 .ok_or(BrokerError::TopicNotFound)?;
             let mut overflowed = Vec::new();
             for subscriber in &topic.subscribers {
                 if let Some(session) = state.sessions.get_mut(&subscriber.session) {
-                    session.topics.retain(|t| *t != name);
+                    session.topics.retain(|t| *t != topic.name);
                 }
                 if subscriber
                     .tx
@@ -954,7 +1080,7 @@ mod broker {
                 }
             }
             for session in overflowed {
-                state.cut(session, Ending::SlowConsumer);
+                state.cut(session, Ending::SlowConsumer, None);
             }
             Ok(())
         }
@@ -966,7 +1092,7 @@ mod broker {
                 .iter()
                 .map(|(name, topic)| TopicStats {
                     name: name.to_string(),
-                    messages: topic.published,
+                    messages: topic.last_seq,
                     subscribers: topic.subscribers.len(),
                 })
                 .collect()
@@ -977,6 +1103,30 @@ mod broker {
             let state = self.lock();
             let subscriptions = state.topics.values().map(|t| t.subscribers.len()).sum();
             (state.topics.len(), subscriptions)
+        }
+
+        /// The ring entries with a `seq` above `after` (all of them for 0), newest `last_n` at
+        /// most.
+        pub fn history(
+            &self,
+            name: &str,
+            after: u64,
+            last_n: usize,
+        ) -> Result<History, BrokerError> {
+            let state = self.lock();
+            let topic = state.topics.get(name).ok_or(BrokerError::TopicNotFound)?;
+            let newer = topic.ring.iter().filter(|entry| entry.seq > after).count();
+            let entries = topic
+                .ring
+                .iter()
+                .skip(topic.ring.len() - newer.min(last_n))
+                .cloned()
+                .collect();
+            Ok(History {
+                epoch: topic.epoch.clone(),
+                last_seq: topic.last_seq,
+                entries,
+            })
         }
 
         /// Registers a new WebSocket session and its queue. During shutdown the session is told
@@ -1007,16 +1157,17 @@ mod broker {
             self.lock().remove_session(id);
         }
 
-        /// Subscribes a session and queues `ack` followed by up to `last_n` events from the
-        /// ring as one item, all under the lock, so replay and live delivery neither overlap nor
-        /// leave a gap. Subscribing again changes nothing and queues the ack alone. If even that
-        /// one item does not fit, the session is cut as a slow consumer.
+        /// Subscribes a session and queues its ack, finished with the topic's position,
+        /// followed by the replayed events as one item, all under the lock, so replay and live
+        /// delivery neither overlap nor leave a gap. Subscribing again changes nothing and
+        /// queues the ack alone. If even that one item does not fit, the session is cut as a
+        /// slow consumer.
         pub fn subscribe(
             &self,
             id: SessionId,
             name: &str,
-            ack: Utf8Bytes,
-            last_n: u64,
+            ack: &Unfinished,
+            replay: &Replay,
         ) -> Result<(), BrokerError> {
             let mut guard = self.lock();
             let state = &mut *guard;
@@ -1030,29 +1181,29 @@ mod broker {
             let Some(session) = state.sessions.get_mut(&id) else {
                 return Err(BrokerError::Closed);
             };
-            let item = if session.topics.contains(&topic.name) {
-                Outgoing::Text(ack)
+            let (replayed, recovered) = if session.topics.contains(&topic.name) {
+                (0, matches!(replay, Replay::Since { .. }).then_some(false))
             } else {
-                let replay = usize::try_from(last_n)
-                    .unwrap_or(usize::MAX)
-                    .min(topic.ring.len());
-                let frames = std::iter::once(ack)
-                    .chain(topic.ring.iter().skip(topic.ring.len() - replay).cloned());
                 topic.subscribers.push(Subscriber {
                     session: id,
                     tx: session.tx.clone(),
                 });
                 session.topics.push(Arc::clone(&topic.name));
-                if replay == 0 {
-                    Outgoing::Text(frames.take(1).next().unwrap_or_default())
-                } else {
-                    Outgoing::Batch(frames.collect())
-                }
+                topic.replay_length(replay)
             };
-            if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) =
-                session.tx.try_send(item)
-            {
-                state.cut(id, Ending::SlowConsumer);
+            let ack = ack.with_position(&topic.epoch, topic.last_seq, recovered);
+            let item = if replayed == 0 {
+                Outgoing::Text(ack)
+            } else {
+                let replay = topic
+                    .ring
+                    .iter()
+                    .skip(topic.ring.len() - replayed)
+                    .map(|e| e.frame.clone());
+                Outgoing::Batch(std::iter::once(ack).chain(replay).collect())
+            };
+            if session.tx.try_send(item).is_err() {
+                state.cut(id, Ending::SlowConsumer, None);
             }
             Ok(())
         }
@@ -1074,9 +1225,10 @@ mod broker {
             Ok(())
         }
 
-        /// Appends an event to the topic's ring and queues it for every subscriber, without
-        /// waiting for any: a subscriber whose queue is full is cut as a slow consumer.
-        pub fn publish(&self, name: &str, event: Utf8Bytes) -> Result<(), BrokerError> {
+        /// Numbers an event, appends it to the topic's ring and queues it for every
+        /// subscriber, without waiting for any: a subscriber whose queue is full is cut as a
+        /// slow consumer. Returns the event's `seq`.
+        pub fn publish(&self, name: &str, event: &Unfinished) -> Result<u64, BrokerError> {
             let mut state = self.lock();
             if state.closed {
                 return Err(BrokerError::Closed);
@@ -1086,30 +1238,36 @@ mod broker {
                 .topics
                 .get_mut(name)
                 .ok_or(BrokerError::TopicNotFound)?;
-            topic.published += 1;
+            topic.last_seq += 1;
+            let seq = topic.last_seq;
+            let frame = event.with_seq(seq);
             if ring_size > 0 {
                 if topic.ring.len() == ring_size {
                     topic.ring.pop_front();
                 }
-                topic.ring.push_back(event.clone());
+                topic.ring.push_back(RingEntry {
+                    seq,
+                    frame: frame.clone(),
+                });
             }
             let mut overflowed = Vec::new();
             for subscriber in &topic.subscribers {
-                match subscriber.tx.try_send(Outgoing::Text(event.clone())) {
+                match subscriber.tx.try_send(Outgoing::Text(frame.clone())) {
                     Ok(()) => {}
                     Err(TrySendError::Full(_)) => {
                         overflowed.push((subscriber.session, Ending::SlowConsumer))
                     }
-                    // Its writer is gone; the session's reader will close it, drop it now.
+                    // Its writer is gone and its reader will close the session: drop it now.
                     Err(TrySendError::Disconnected(_)) => {
                         overflowed.push((subscriber.session, Ending::Open))
                     }
                 }
             }
+            let name = Arc::clone(&topic.name);
             for (session, why) in overflowed {
-                state.cut(session, why);
+                state.cut(session, why, Some((Arc::clone(&name), seq - 1)));
             }
-            Ok(())
+            Ok(seq)
         }
 
         /// Refuses new operations from now on and tells every session to flush and close.
@@ -1124,12 +1282,39 @@ mod broker {
         }
     }
 
+    impl Topic {
+        /// How many ring entries a new subscription replays, and for a resume whether it
+        /// recovered everything after the client's position.
+        fn replay_length(&self, replay: &Replay) -> (usize, Option<bool>) {
+            match replay {
+                Replay::LastN(n) => (
+                    usize::try_from(*n)
+                        .unwrap_or(usize::MAX)
+                        .min(self.ring.len()),
+                    None,
+                ),
+                Replay::Since { seq, epoch } => {
+                    let missed = self.last_seq.checked_sub(*seq);
+                    match missed.and_then(|missed| usize::try_from(missed).ok()) {
+                        Some(missed) if *epoch == self.epoch && missed <= self.ring.len() => {
+                            (missed, Some(true))
+                        }
+                        _ => (0, Some(false)),
+                    }
+                }
+            }
+        }
+    }
+
     impl State {
         /// Removes a session from every topic and records why; its queue is dropped, so
         /// nothing more is queued for it.
-        fn cut(&mut self, id: SessionId, why: Ending) {
+        fn cut(&mut self, id: SessionId, why: Ending, position: Option<(Arc<str>, u64)>) {
             if let Some(session) = self.remove_session(id) {
                 if why != Ending::Open {
+                    if let Some(position) = position {
+                        let _ = session.control.cut_position.set(position);
+                    }
                     session.control.end(why);
                 }
             }
@@ -1735,16 +1920,11 @@ fn read_requests(ws: &mut WebSocket<ReaderSocket>, session: &Session<'_>) -> Rea
         let ending = session.control.ending() != Ending::Open;
         let reply = match message {
             Message::Text(text) if !ending => handle_request(&text, session),
-            Message::Binary(_) if !ending => Some(Outgoing::Text(
-                ServerMessage::Error {
-                    request_id: None,
-                    error: ErrorBody {
-                        code: ErrorCode::BadRequest,
-                        message: "binary frames are not supported: send each request as a JSON text frame",
-                    },
-                    ts: &timestamp(),
-                }
-                .to_frame(),
+            Message::Binary(_) if !ending => Some(error_reply(
+                None,
+                ErrorCode::BadRequest,
+                "binary frames are not supported: send each request as a JSON text frame",
+                &timestamp(),
             )),
             Message::Ping(data) => Some(Outgoing::Pong(data)),
             Message::Close(frame) => return ReadEnd::PeerClosed(frame.map(|f| f.code)),
@@ -1765,24 +1945,23 @@ fn handle_request(text: &str, session: &Session<'_>) -> Option<Outgoing> {
     let request = match ClientRequest::parse(text) {
         Ok(request) => request,
         Err(rejection) => {
+            let request_id = rejection.request_id.as_deref();
             return Some(error_reply(
-                rejection.request_id.as_deref(),
+                request_id,
                 ErrorCode::BadRequest,
                 &rejection.message,
                 &ts,
-            ))
+            ));
         }
     };
     let request_id = request.request_id.as_deref();
     let broker = &session.shared.broker;
-    let ack = |topic: &str| {
-        ServerMessage::Ack {
-            request_id,
-            status: "ok",
-            topic,
-            ts: &ts,
-        }
-        .to_frame()
+    let ack = |topic, seq| ServerMessage::Ack {
+        request_id,
+        status: "ok",
+        topic,
+        ts: &ts,
+        seq,
     };
     let outcome = match &request.op {
         Operation::Ping => {
@@ -1797,17 +1976,22 @@ fn handle_request(text: &str, session: &Session<'_>) -> Option<Outgoing> {
         Operation::Subscribe {
             topic,
             client_id,
-            last_n,
+            replay,
         } => {
-            let result = broker.subscribe(session.id, topic, ack(topic), *last_n);
+            let result = broker.subscribe(
+                session.id,
+                topic,
+                &Unfinished::new(&ack(topic, None)),
+                replay,
+            );
             if result.is_ok() {
                 log::debug!(
-                    "{}: client {client_id:?} subscribed to {topic:?} (last_n {last_n})",
+                    "{}: client {client_id:?} subscribed to {topic:?} ({replay:?})",
                     session.peer
                 );
                 return None;
             }
-            result.map(|()| topic)
+            result.map(|()| (topic, None))
         }
         Operation::Unsubscribe { topic, client_id } => {
             let result = broker.unsubscribe(session.id, topic);
@@ -1817,20 +2001,14 @@ fn handle_request(text: &str, session: &Session<'_>) -> Option<Outgoing> {
                     session.peer
                 );
             }
-            result.map(|()| topic)
+            result.map(|()| (topic, None))
         }
         Operation::Publish { topic, id, payload } => {
-            let event = ServerMessage::Event {
-                topic,
-                message: EventMessage { id, payload },
-                ts: &ts,
-            }
-            .to_frame();
-            broker.publish(topic, event).map(|()| topic)
+            publish(broker, topic, id, payload, &ts).map(|seq| (topic, Some(seq)))
         }
     };
     Some(match outcome {
-        Ok(topic) => Outgoing::Text(ack(topic)),
+        Ok((topic, seq)) => Outgoing::Text(ack(topic, seq).to_frame()),
         Err(error) => {
             let topic = request.op.topic().unwrap_or_default();
             let (code, message) = match error {
@@ -1852,6 +2030,23 @@ fn handle_request(text: &str, session: &Session<'_>) -> Option<Outgoing> {
     })
 }
 
+/// Publishes a message, from WebSocket or HTTP alike: serialized once here, numbered by the
+/// broker. Returns the `seq` it got.
+fn publish(
+    broker: &Broker,
+    topic: &str,
+    id: &str,
+    payload: &RawValue,
+    ts: &str,
+) -> Result<u64, BrokerError> {
+    let event = ServerMessage::Event {
+        topic,
+        message: EventMessage { id, payload },
+        ts,
+    };
+    broker.publish(topic, &Unfinished::new(&event))
+}
+
 impl Operation<'_> {
     fn topic(&self) -> Option<&str> {
         match self {
@@ -1864,10 +2059,13 @@ impl Operation<'_> {
 }
 
 fn error_reply(request_id: Option<&str>, code: ErrorCode, message: &str, ts: &str) -> Outgoing {
+    let error = ErrorBody { code, message };
     Outgoing::Text(
         ServerMessage::Error {
             request_id,
-            error: ErrorBody { code, message },
+            topic: None,
+            seq: None,
+            error,
             ts,
         }
         .to_frame(),
@@ -1943,17 +2141,22 @@ impl Writer {
                 Ending::SlowConsumer => {
                     let message = format!(
                         "outbound queue full (QUEUE_SIZE={}): every subscription of this connection was \
-                         removed; events up to this message were delivered, none after",
+                         removed; events up to this message were delivered, none after; resubscribe \
+                         with since_seq and epoch to resume",
                         self.queue_size
                     );
+                    let (topic, seq) = self.control.cut_position().unzip();
                     let error = ErrorBody {
                         code: ErrorCode::SlowConsumer,
                         message: &message,
                     };
+                    let ts = timestamp();
                     let frame = ServerMessage::Error {
                         request_id: None,
+                        topic,
+                        seq,
                         error,
-                        ts: &timestamp(),
+                        ts: &ts,
                     }
                     .to_frame();
                     self.ws.write(Message::Text(frame))?;
@@ -2062,6 +2265,10 @@ enum RestError {
     TopicExists(String),
     MethodNotAllowed(&'static str),
     PayloadTooLarge(usize),
+    /// Shutdown has begun: no new publishes.
+    ShuttingDown,
+    /// A bug, never bad input.
+    Internal(String),
 }
 
 impl RestError {
@@ -2073,6 +2280,8 @@ impl RestError {
             RestError::MethodNotAllowed(_) => 405,
             RestError::TopicExists(_) => 409,
             RestError::PayloadTooLarge(_) => 413,
+            RestError::Internal(_) => 500,
+            RestError::ShuttingDown => 503,
         }
     }
 
@@ -2085,12 +2294,22 @@ impl RestError {
             RestError::TopicExists(_) => ErrorCode::TopicExists,
             RestError::MethodNotAllowed(_) => ErrorCode::MethodNotAllowed,
             RestError::PayloadTooLarge(_) => ErrorCode::PayloadTooLarge,
+            RestError::ShuttingDown | RestError::Internal(_) => ErrorCode::Internal,
+        }
+    }
+
+    fn from_broker(error: BrokerError, topic: &str) -> RestError {
+        match error {
+            BrokerError::TopicNotFound => RestError::TopicNotFound(topic.to_string()),
+            BrokerError::TopicExists => RestError::TopicExists(topic.to_string()),
+            BrokerError::Closed => RestError::ShuttingDown,
         }
     }
 
     fn message(&self) -> String {
         match self {
-            RestError::BadRequest(message) => message.clone(),
+            RestError::BadRequest(message) | RestError::Internal(message) => message.clone(),
+            RestError::ShuttingDown => "the server is shutting down".to_string(),
             RestError::Unauthorized => "missing or wrong X-API-Key header".to_string(),
             RestError::NotFound => "no such route: see README.md for the REST API".to_string(),
             RestError::TopicNotFound(name) => format!("topic {name:?} does not exist"),
@@ -2113,6 +2332,7 @@ type RestReply = (u16, String);
 enum RestRoute<'a> {
     Topics,
     Topic(&'a str),
+    Messages(&'a str),
     Health,
     Stats,
 }
@@ -2123,17 +2343,19 @@ impl<'a> RestRoute<'a> {
             "/topics" => Some(RestRoute::Topics),
             "/health" => Some(RestRoute::Health),
             "/stats" => Some(RestRoute::Stats),
-            _ => path
-                .strip_prefix("/topics/")
-                .filter(|name| !name.is_empty() && !name.contains('/'))
-                .map(RestRoute::Topic),
+            _ => match path.strip_prefix("/topics/")?.split_once('/') {
+                None => Some(RestRoute::Topic(&path["/topics/".len()..])),
+                Some((name, "messages")) => Some(RestRoute::Messages(name)),
+                Some(_) => None,
+            }
+            .filter(|route| !matches!(route, RestRoute::Topic("") | RestRoute::Messages(""))),
         }
     }
 
     /// The `Allow` header of a 405 on this route.
     fn allowed_methods(&self) -> &'static str {
         match self {
-            RestRoute::Topics => "GET, POST",
+            RestRoute::Topics | RestRoute::Messages(_) => "GET, POST",
             RestRoute::Topic(_) => "DELETE",
             RestRoute::Health | RestRoute::Stats => "GET",
         }
@@ -2176,12 +2398,8 @@ fn handle_rest(mut request: tiny_http::Request, shared: &Shared) {
 
 fn route_rest(request: &mut tiny_http::Request, shared: &Shared) -> Result<RestReply, RestError> {
     use tiny_http::Method;
-    let path = request
-        .url()
-        .split('?')
-        .next()
-        .unwrap_or_default()
-        .to_string();
+    let (path, query) = request.url().split_once('?').unwrap_or((request.url(), ""));
+    let (path, query) = (path.to_string(), query.to_string());
     let method = request.method().clone();
     // Liveness probes must work without the key; nothing else does.
     let open_to_all = method == Method::Get && path == "/health";
@@ -2203,6 +2421,11 @@ fn route_rest(request: &mut tiny_http::Request, shared: &Shared) -> Result<RestR
             create_topic(&body, shared)
         }
         (RestRoute::Topic(name), Method::Delete) => delete_topic(name, shared),
+        (RestRoute::Messages(name), Method::Get) => history(name, &query, shared),
+        (RestRoute::Messages(name), Method::Post) => {
+            let body = read_body(request, shared.config.max_message_bytes)?;
+            publish_over_http(name, &body, shared)
+        }
         (RestRoute::Health, Method::Get) => Ok(health(shared)),
         (RestRoute::Stats, Method::Get) => Ok(stats(shared)),
         _ => Err(RestError::MethodNotAllowed(route.allowed_methods())),
@@ -2244,13 +2467,7 @@ fn create_topic(body: &[u8], shared: &Shared) -> Result<RestReply, RestError> {
         #[serde(borrow, default, deserialize_with = "present")]
         name: Option<&'a RawValue>,
     }
-    let text = std::str::from_utf8(body)
-        .map_err(|_| RestError::BadRequest("body is not UTF-8".to_string()))?;
-    if text.trim().is_empty() {
-        return Err(RestError::BadRequest(
-            r#"empty body: expected {"name": "<topic>"}"#.to_string(),
-        ));
-    }
+    let text = body_text(body, r#"{"name": "<topic>"}"#)?;
     let request: CreateTopic<'_> = parse_object(text).map_err(RestError::BadRequest)?;
     let name = required_string(request.name, "name").map_err(RestError::BadRequest)?;
     if !is_valid_topic_name(&name) {
@@ -2258,7 +2475,7 @@ fn create_topic(body: &[u8], shared: &Shared) -> Result<RestReply, RestError> {
             "invalid topic name {name:?}: {TOPIC_NAME_RULE}"
         )));
     }
-    match shared.broker.create_topic(&name) {
+    match shared.broker.create_topic(&name, new_epoch()) {
         Ok(()) => {
             log::info!("topic {name:?} created");
             Ok((
@@ -2268,6 +2485,128 @@ fn create_topic(body: &[u8], shared: &Shared) -> Result<RestReply, RestError> {
         }
         Err(_) => Err(RestError::TopicExists(name)),
     }
+}
+
+/// A request body as UTF-8 text; an empty one is refused with what was `expected`.
+fn body_text<'a>(body: &'a [u8], expected: &str) -> Result<&'a str, RestError> {
+    let text = std::str::from_utf8(body)
+        .map_err(|_| RestError::BadRequest("body is not UTF-8".to_string()))?;
+    if text.trim().is_empty() {
+        return Err(RestError::BadRequest(format!(
+            "empty body: expected {expected}"
+        )));
+    }
+    Ok(text)
+}
+
+/// `POST /topics/{name}/messages`: publishes exactly like a WebSocket `publish`; the `id` is
+/// generated when absent.
+fn publish_over_http(name: &str, body: &[u8], shared: &Shared) -> Result<RestReply, RestError> {
+    #[derive(Serialize)]
+    struct Published<'a> {
+        status: &'static str,
+        topic: &'a str,
+        id: &'a str,
+        seq: u64,
+    }
+    let text = body_text(body, r#"{"payload": <any JSON>, "id": "<optional UUID>"}"#)?;
+    let message: RawMessage<'_> = parse_object(text).map_err(RestError::BadRequest)?;
+    let payload = message
+        .payload
+        .ok_or_else(|| RestError::BadRequest("missing field `payload`".into()))?;
+    let id = match message.id {
+        None => uuid::Uuid::new_v4().to_string(),
+        Some(id) => required_message_id(Some(id), "id").map_err(RestError::BadRequest)?,
+    };
+    let seq = publish(&shared.broker, name, &id, payload, &timestamp())
+        .map_err(|error| RestError::from_broker(error, name))?;
+    let published = Published {
+        status: "published",
+        topic: name,
+        id: &id,
+        seq,
+    };
+    Ok((201, serde_json::to_string(&published).unwrap_or_default()))
+}
+
+/// `GET /topics/{name}/messages?last_n=N` or `?since_seq=N`: the ring's events, oldest first;
+/// neither parameter means all the ring holds.
+fn history(name: &str, query: &str, shared: &Shared) -> Result<RestReply, RestError> {
+    #[derive(Serialize)]
+    struct HistoryReply<'a> {
+        topic: &'a str,
+        epoch: &'a str,
+        /// The topic's last `seq`, so that an empty answer to `since_seq` is unambiguous.
+        seq: u64,
+        messages: Vec<HistoryMessage<'a>>,
+    }
+    #[derive(Serialize, Deserialize)]
+    struct HistoryMessage<'a> {
+        #[serde(borrow)]
+        id: Cow<'a, str>,
+        #[serde(borrow)]
+        payload: &'a RawValue,
+        #[serde(default)]
+        seq: u64,
+        #[serde(borrow, default)]
+        ts: Cow<'a, str>,
+    }
+    /// The parts of a stored event frame that history shows.
+    #[derive(Deserialize)]
+    struct StoredEvent<'a> {
+        #[serde(borrow)]
+        message: HistoryMessage<'a>,
+        #[serde(borrow)]
+        ts: Cow<'a, str>,
+    }
+
+    let (mut last_n, mut since_seq) = (None, None);
+    for pair in query.split('&').filter(|pair| !pair.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let number = || {
+            value.parse::<u64>().map_err(|_| {
+                RestError::BadRequest(format!(
+                    "query parameter `{key}` must be a non-negative integer"
+                ))
+            })
+        };
+        match key {
+            "last_n" => last_n = Some(number()?),
+            "since_seq" => since_seq = Some(number()?),
+            _ => {}
+        }
+    }
+    if last_n.is_some() && since_seq.is_some() {
+        return Err(RestError::BadRequest(
+            "give either `last_n` or `since_seq`, not both".into(),
+        ));
+    }
+    let last_n = last_n.map_or(usize::MAX, |n| usize::try_from(n).unwrap_or(usize::MAX));
+    let history = shared
+        .broker
+        .history(name, since_seq.unwrap_or(0), last_n)
+        .map_err(|error| RestError::from_broker(error, name))?;
+    let messages = history
+        .entries
+        .iter()
+        .map(|entry| {
+            let stored: StoredEvent<'_> = serde_json::from_str(&entry.frame).map_err(|error| {
+                RestError::Internal(format!("stored event {} unreadable: {error}", entry.seq))
+            })?;
+            Ok(HistoryMessage {
+                seq: entry.seq,
+                ts: stored.ts,
+                ..stored.message
+            })
+        })
+        .collect::<Result<Vec<_>, RestError>>()?;
+    let reply = HistoryReply {
+        topic: name,
+        epoch: &history.epoch,
+        seq: history.last_seq,
+        messages,
+    };
+    Ok((200, serde_json::to_string(&reply).unwrap_or_default()))
 }
 
 fn delete_topic(name: &str, shared: &Shared) -> Result<RestReply, RestError> {
@@ -2320,6 +2659,13 @@ fn stats(shared: &Shared) -> RestReply {
     (200, serde_json::json!({ "topics": topics }).to_string())
 }
 
+/// A topic's epoch: 16 random hexadecimal digits, new for every topic created.
+fn new_epoch() -> String {
+    let mut epoch = uuid::Uuid::new_v4().simple().to_string();
+    epoch.truncate(16);
+    epoch
+}
+
 /// The address a self-connect uses to wake the acceptor: the bound one, with an unspecified IP
 /// (`0.0.0.0`, `::`) replaced by loopback.
 fn wake_addr(bound: SocketAddr) -> SocketAddr {
@@ -2365,7 +2711,7 @@ mod tests {
         check(r#"{"type":"ping","request_id":"p1"}"#, r#"Some("p1") Ping"#);
         check(
             r#"{"type":"subscribe","topic":"orders","client_id":"c1","last_n":5}"#,
-            r#"None Subscribe { topic: "orders", client_id: "c1", last_n: 5 }"#,
+            r#"None Subscribe { topic: "orders", client_id: "c1", replay: LastN(5) }"#,
         );
         check(
             r#"{"type":"unsubscribe","topic":"a.b:c-d_e","client_id":"c1"}"#,
@@ -2443,6 +2789,40 @@ mod tests {
         check(
             r#"{"type":"publish","topic":"t","message":{"id":"9b2f8a4e-1c3d-4e5f-8a6b-7c8d9e0f1a2b"}}"#,
             "None BAD_REQUEST missing field `message.payload`",
+        );
+    }
+
+    #[test]
+    fn subscribe_takes_last_n_or_a_resume_position() {
+        let subscribe =
+            |fields: &str| format!(r#"{{"type":"subscribe","topic":"t","client_id":"c"{fields}}}"#);
+        check(
+            &subscribe(r#","since_seq":4,"epoch":"ab""#),
+            r#"None Subscribe { topic: "t", client_id: "c", replay: Since { seq: 4, epoch: "ab" } }"#,
+        );
+        check(
+            &subscribe(""),
+            r#"None Subscribe { topic: "t", client_id: "c", replay: LastN(0) }"#,
+        );
+        check(
+            &subscribe(r#","last_n":2,"since_seq":4,"epoch":"ab""#),
+            "None BAD_REQUEST give either `last_n` or `since_seq`, not both",
+        );
+        check(
+            &subscribe(r#","since_seq":4"#),
+            "None BAD_REQUEST missing field `epoch`: `since_seq` needs it",
+        );
+        check(
+            &subscribe(r#","epoch":"ab""#),
+            "None BAD_REQUEST field `epoch` goes with `since_seq`",
+        );
+        check(
+            &subscribe(r#","since_seq":-4,"epoch":"ab""#),
+            "None BAD_REQUEST field `since_seq` must be a non-negative integer",
+        );
+        check(
+            &subscribe(r#","since_seq":4,"epoch":5"#),
+            "None BAD_REQUEST field `epoch` must be a string",
         );
     }
 
@@ -2527,7 +2907,8 @@ mod tests {
         ));
     }
 
-    /// A broker with one session whose queue holds `queue_size` items.
+    /// A broker with one session whose queue holds `queue_size` items, and a topic `t` of
+    /// epoch `E`.
     fn broker_with_session(
         ring_size: usize,
         queue_size: usize,
@@ -2536,72 +2917,185 @@ mod tests {
         let (tx, rx) = mpsc::sync_channel(queue_size);
         let control = Arc::new(SessionControl::default());
         broker.open_session(1, tx, Arc::clone(&control));
-        broker.create_topic("t").unwrap();
+        broker.create_topic("t", "E".to_string()).unwrap();
         (broker, rx, control)
     }
 
-    fn texts(item: Outgoing) -> Vec<String> {
-        match item {
-            Outgoing::Text(frame) => vec![frame.to_string()],
-            Outgoing::Batch(frames) => frames.iter().map(|f| f.to_string()).collect(),
+    /// A stand-in for a serialized message: `{"m":"NAME"` waiting for the broker's fields.
+    fn unfinished(name: &str) -> Unfinished {
+        Unfinished(format!(r#"{{"m":"{name}""#))
+    }
+
+    fn publish(broker: &Broker, topic: &str, name: &str) -> Result<u64, BrokerError> {
+        broker.publish(topic, &unfinished(name))
+    }
+
+    fn subscribe(broker: &Broker, replay: Replay) -> Result<(), BrokerError> {
+        broker.subscribe(1, "t", &unfinished("ack"), &replay)
+    }
+
+    /// The next queued item's frames, or what else it is.
+    fn next(rx: &Receiver<Outgoing>) -> Vec<String> {
+        match rx.try_recv() {
+            Ok(Outgoing::Text(frame)) => vec![frame.to_string()],
+            Ok(Outgoing::Batch(frames)) => frames.iter().map(|f| f.to_string()).collect(),
             other => vec![format!("{other:?}")],
         }
+    }
+
+    #[test]
+    fn events_are_numbered_and_acks_carry_the_position() {
+        let (broker, rx, _) = broker_with_session(3, 10);
+        assert_eq!(publish(&broker, "t", "e1"), Ok(1));
+        assert_eq!(publish(&broker, "t", "e2"), Ok(2));
+        subscribe(&broker, Replay::LastN(0)).unwrap();
+        assert_eq!(next(&rx), [r#"{"m":"ack","epoch":"E","seq":2}"#]);
+        assert_eq!(publish(&broker, "t", "e3"), Ok(3));
+        assert_eq!(next(&rx), [r#"{"m":"e3","seq":3}"#]);
+        assert_eq!(
+            publish(&broker, "nope", "e"),
+            Err(BrokerError::TopicNotFound)
+        );
     }
 
     #[test]
     fn subscribe_queues_ack_and_replay_as_one_item() {
         let (broker, rx, _) = broker_with_session(3, 10);
         for n in 1..=5 {
-            broker
-                .publish("t", Utf8Bytes::from(format!("e{n}")))
-                .unwrap();
+            publish(&broker, "t", &format!("e{n}")).unwrap();
         }
-        broker.subscribe(1, "t", "ack".into(), 10).unwrap();
-        assert_eq!(texts(rx.try_recv().unwrap()), ["ack", "e3", "e4", "e5"]);
-        broker.publish("t", "e6".into()).unwrap();
-        assert_eq!(texts(rx.try_recv().unwrap()), ["e6"]);
+        subscribe(&broker, Replay::LastN(10)).unwrap();
+        assert_eq!(
+            next(&rx),
+            [
+                r#"{"m":"ack","epoch":"E","seq":5}"#,
+                r#"{"m":"e3","seq":3}"#,
+                r#"{"m":"e4","seq":4}"#,
+                r#"{"m":"e5","seq":5}"#
+            ]
+        );
+        publish(&broker, "t", "e6").unwrap();
+        assert_eq!(next(&rx), [r#"{"m":"e6","seq":6}"#]);
         // Subscribing again: the ack only, no replay, no second copy of later events.
-        broker.subscribe(1, "t", "ack2".into(), 10).unwrap();
-        broker.publish("t", "e7".into()).unwrap();
-        assert_eq!(texts(rx.try_recv().unwrap()), ["ack2"]);
-        assert_eq!(texts(rx.try_recv().unwrap()), ["e7"]);
+        subscribe(&broker, Replay::LastN(10)).unwrap();
+        publish(&broker, "t", "e7").unwrap();
+        assert_eq!(next(&rx), [r#"{"m":"ack","epoch":"E","seq":6}"#]);
+        assert_eq!(next(&rx), [r#"{"m":"e7","seq":7}"#]);
         assert!(rx.try_recv().is_err());
         assert_eq!(broker.topic_stats()[0].messages, 7);
     }
 
     #[test]
+    fn resume_replays_exactly_what_was_missed_or_says_it_cannot() {
+        let since = |seq, epoch: &str| Replay::Since {
+            seq,
+            epoch: epoch.to_string(),
+        };
+        let cases = [
+            (
+                since(3, "E"),
+                r#"{"m":"ack","epoch":"E","seq":5,"recovered":true}"#,
+                2,
+            ),
+            (
+                since(5, "E"),
+                r#"{"m":"ack","epoch":"E","seq":5,"recovered":true}"#,
+                0,
+            ),
+            (
+                since(2, "E"),
+                r#"{"m":"ack","epoch":"E","seq":5,"recovered":true}"#,
+                3,
+            ),
+            // The ring (3 events) no longer reaches back to event 2.
+            (
+                since(1, "E"),
+                r#"{"m":"ack","epoch":"E","seq":5,"recovered":false}"#,
+                0,
+            ),
+            // Ahead of the topic, or of another epoch: nothing can be trusted.
+            (
+                since(6, "E"),
+                r#"{"m":"ack","epoch":"E","seq":5,"recovered":false}"#,
+                0,
+            ),
+            (
+                since(4, "X"),
+                r#"{"m":"ack","epoch":"E","seq":5,"recovered":false}"#,
+                0,
+            ),
+        ];
+        for (replay, ack, replayed) in cases {
+            let (broker, rx, _) = broker_with_session(3, 10);
+            for n in 1..=5 {
+                publish(&broker, "t", &format!("e{n}")).unwrap();
+            }
+            subscribe(&broker, replay.clone()).unwrap();
+            let frames = next(&rx);
+            assert_eq!(frames[0], ack, "{replay:?}");
+            let expected: Vec<String> = (6 - replayed..=5)
+                .map(|n| format!(r#"{{"m":"e{n}","seq":{n}}}"#))
+                .collect();
+            assert_eq!(frames[1..], expected, "{replay:?}");
+        }
+    }
+
+    #[test]
     fn a_full_queue_cuts_the_session_from_every_topic() {
         let (broker, rx, control) = broker_with_session(0, 2);
-        broker.create_topic("u").unwrap();
-        broker.subscribe(1, "t", "ack".into(), 0).unwrap();
-        broker.subscribe(1, "u", "ack".into(), 0).unwrap();
+        broker.create_topic("u", "F".to_string()).unwrap();
+        subscribe(&broker, Replay::LastN(0)).unwrap();
+        broker
+            .subscribe(1, "u", &unfinished("ack"), &Replay::LastN(0))
+            .unwrap();
         assert_eq!(broker.totals(), (2, 2));
-        broker.publish("t", "e1".into()).unwrap();
+        publish(&broker, "t", "e1").unwrap();
         assert_eq!(control.ending(), Ending::SlowConsumer);
+        assert_eq!(control.cut_position(), Some(("t", 0)));
         assert_eq!(broker.totals(), (2, 0));
-        broker.publish("u", "e2".into()).unwrap();
-        assert_eq!(texts(rx.try_recv().unwrap()), ["ack"]);
-        assert_eq!(texts(rx.try_recv().unwrap()), ["ack"]);
+        publish(&broker, "u", "e2").unwrap();
+        assert_eq!(next(&rx), [r#"{"m":"ack","epoch":"E","seq":0}"#]);
+        assert_eq!(next(&rx), [r#"{"m":"ack","epoch":"F","seq":0}"#]);
         assert!(rx.try_recv().is_err(), "nothing is queued after the cut");
     }
 
     #[test]
     fn deleting_a_topic_notifies_and_unsubscribes() {
         let (broker, rx, control) = broker_with_session(10, 10);
-        broker.subscribe(1, "t", "ack".into(), 0).unwrap();
+        subscribe(&broker, Replay::LastN(0)).unwrap();
         broker.delete_topic("t", "gone".into()).unwrap();
-        assert_eq!(texts(rx.try_recv().unwrap()), ["ack"]);
-        assert_eq!(texts(rx.try_recv().unwrap()), ["gone"]);
+        next(&rx);
+        assert_eq!(next(&rx), ["gone"]);
         assert_eq!(broker.totals(), (0, 0));
         assert_eq!(control.ending(), Ending::Open);
-        assert_eq!(
-            broker.publish("t", "x".into()),
-            Err(BrokerError::TopicNotFound)
-        );
+        assert_eq!(publish(&broker, "t", "x"), Err(BrokerError::TopicNotFound));
         assert_eq!(
             broker.delete_topic("t", "gone".into()),
             Err(BrokerError::TopicNotFound)
         );
+    }
+
+    #[test]
+    fn history_returns_the_ring_after_a_position() {
+        let (broker, _, _) = broker_with_session(3, 10);
+        for n in 1..=5 {
+            publish(&broker, "t", &format!("e{n}")).unwrap();
+        }
+        let seqs = |after, last_n| -> Vec<u64> {
+            broker
+                .history("t", after, last_n)
+                .unwrap()
+                .entries
+                .iter()
+                .map(|e| e.seq)
+                .collect()
+        };
+        assert_eq!(seqs(0, usize::MAX), [3, 4, 5]);
+        assert_eq!(seqs(0, 2), [4, 5]);
+        assert_eq!(seqs(4, usize::MAX), [5]);
+        assert_eq!(seqs(5, usize::MAX), Vec::<u64>::new());
+        let history = broker.history("t", 0, 0).unwrap();
+        assert_eq!((history.epoch.as_str(), history.last_seq), ("E", 5));
     }
 
     #[test]
@@ -2610,9 +3104,9 @@ mod tests {
         broker.shutdown();
         assert_eq!(control.ending(), Ending::ShuttingDown);
         assert!(matches!(rx.try_recv(), Ok(Outgoing::Wake)));
-        assert_eq!(broker.publish("t", "x".into()), Err(BrokerError::Closed));
+        assert_eq!(publish(&broker, "t", "x"), Err(BrokerError::Closed));
         assert_eq!(
-            broker.subscribe(1, "t", "ack".into(), 0),
+            subscribe(&broker, Replay::LastN(0)),
             Err(BrokerError::Closed)
         );
     }
@@ -2620,27 +3114,35 @@ mod tests {
     #[test]
     fn server_messages_serialize_as_the_spec_shows() {
         let payload = RawValue::from_string(r#"{"z":1,"a":2}"#.to_string()).unwrap();
+        let message = EventMessage {
+            id: "id1",
+            payload: &payload,
+        };
         let event = ServerMessage::Event {
             topic: "orders",
-            message: EventMessage {
-                id: "id1",
-                payload: &payload,
-            },
+            message,
             ts: "T",
         };
         assert_eq!(
-            event.to_frame().as_str(),
-            r#"{"type":"event","topic":"orders","message":{"id":"id1","payload":{"z":1,"a":2}},"ts":"T"}"#
+            Unfinished::new(&event).with_seq(7).as_str(),
+            r#"{"type":"event","topic":"orders","message":{"id":"id1","payload":{"z":1,"a":2}},"ts":"T","seq":7}"#
         );
-        let ack = ServerMessage::Ack {
+        let ack = |seq| ServerMessage::Ack {
             request_id: Some("r1"),
             status: "ok",
-            topic: "orders",
+            topic: "o",
             ts: "T",
+            seq,
         };
         assert_eq!(
-            ack.to_frame().as_str(),
-            r#"{"type":"ack","request_id":"r1","status":"ok","topic":"orders","ts":"T"}"#
+            ack(Some(3)).to_frame().as_str(),
+            r#"{"type":"ack","request_id":"r1","status":"ok","topic":"o","ts":"T","seq":3}"#
+        );
+        assert_eq!(
+            Unfinished::new(&ack(None))
+                .with_position("ab12", 9, Some(false))
+                .as_str(),
+            r#"{"type":"ack","request_id":"r1","status":"ok","topic":"o","ts":"T","epoch":"ab12","seq":9,"recovered":false}"#
         );
         let info = ServerMessage::Info {
             topic: None,

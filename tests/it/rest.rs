@@ -212,7 +212,8 @@ fn an_unknown_route_is_404() {
         ("GET", "/nope"),
         ("GET", "/topic"),
         ("GET", "/healthz"),
-        ("GET", "/topics/orders/messages"),
+        ("GET", "/topics/orders/events"),
+        ("GET", "/topics/orders/messages/1"),
         ("POST", "/publish"),
         ("DELETE", "/stats/orders"),
     ];
