@@ -811,14 +811,16 @@ struct ErrorBody<'a> {
 impl ServerMessage<'_> {
     /// Serializes once; the result is shared by every queue it goes to.
     fn to_frame(&self) -> Utf8Bytes {
+        self.to_json().into()
+    }
+
+    fn to_json(&self) -> String {
         // Serializing these types cannot fail (no maps with non-string keys, no I/O); should
         // it ever, the client gets an INTERNAL error rather than the server a panic.
-        serde_json::to_string(self)
-            .unwrap_or_else(|_| {
-                r#"{"type":"error","error":{"code":"INTERNAL","message":"serialization failed"}}"#
-                    .into()
-            })
-            .into()
+        serde_json::to_string(self).unwrap_or_else(|_| {
+            r#"{"type":"error","error":{"code":"INTERNAL","message":"serialization failed"}}"#
+                .into()
+        })
     }
 }
 
@@ -831,7 +833,7 @@ pub struct Unfinished(String);
 
 impl Unfinished {
     fn new(message: &ServerMessage<'_>) -> Unfinished {
-        let mut text = message.to_frame().to_string();
+        let mut text = message.to_json();
         text.pop(); // the closing `}` of the object
         Unfinished(text)
     }
