@@ -128,6 +128,12 @@ fn main() -> ExitCode {
         Invocation::Run(config) => config,
     };
     StderrLogger::install(config.log_level);
+    // A panic is a bug: report it through the log, with the thread's name, like any failure.
+    std::panic::set_hook(Box::new(|info| {
+        let thread = thread::current();
+        let info = info.to_string().replace('\n', " ");
+        log::error!("thread {} {info}", thread.name().unwrap_or("unnamed"));
+    }));
     match run(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -179,6 +185,10 @@ fn run(config: Config) -> io::Result<()> {
             .name("acceptor".into())
             .spawn(move || run_acceptor(listener, &shared))?
     };
+    log::info!(
+        "serving at most {} connections at once",
+        shared.config.max_connections
+    );
     log::info!(
         "pubsub-backend {} listening on {local_addr} (REST http://{local_addr}, WebSocket ws://{local_addr}/ws)",
         env!("CARGO_PKG_VERSION")
@@ -279,6 +289,11 @@ const SETTINGS: &[Setting] = &[
         help: "largest WebSocket message or REST body accepted",
     },
     Setting {
+        var: "MAX_CONNECTIONS",
+        default: Some("auto"),
+        help: "open connections served at once; auto derives it from the OS limits",
+    },
+    Setting {
         var: "API_KEY",
         default: None,
         help: "when set, required by every request but GET /health",
@@ -298,6 +313,8 @@ struct Config {
     shutdown_grace: Duration,
     write_timeout: Duration,
     max_message_bytes: usize,
+    /// Connections served at once; more are refused with 503 (see [`refuse`]).
+    max_connections: usize,
     api_key: Option<String>,
 }
 
@@ -450,6 +467,10 @@ impl Config {
             shutdown_grace: seconds("SHUTDOWN_GRACE_SEC", true)?,
             write_timeout: seconds("WRITE_TIMEOUT_SEC", false)?,
             max_message_bytes: count("MAX_MESSAGE_BYTES", 64)?,
+            max_connections: match setting("MAX_CONNECTIONS") {
+                (value, _) if value.trim().eq_ignore_ascii_case("auto") => os_connection_limit(),
+                _ => count("MAX_CONNECTIONS", 1)?,
+            },
             api_key,
         })
     }
@@ -462,6 +483,46 @@ impl Config {
             .max_message_size(Some(self.max_message_bytes))
             .max_frame_size(Some(self.max_message_bytes))
     }
+}
+
+/// How many connections this process can serve at once, from the limits the OS sets: every
+/// WebSocket costs a file descriptor and two threads, and every thread a pid and two memory
+/// mappings (its stack and guard page). A reserve is kept for the listener, tiny_http and REST
+/// connections, which cost more. Unreadable limits count as unlimited.
+fn os_connection_limit() -> usize {
+    fn read_number(path: &str) -> Option<usize> {
+        std::fs::read_to_string(path).ok()?.trim().parse().ok()
+    }
+    // "Max open files            20000                20000                files"
+    let open_files = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|limits| {
+            let line = limits
+                .lines()
+                .find(|line| line.starts_with("Max open files"))?;
+            line["Max open files".len()..]
+                .split_whitespace()
+                .next()?
+                .parse::<usize>()
+                .ok()
+        });
+    let threads = [
+        read_number("/proc/sys/kernel/pid_max"),
+        read_number("/proc/sys/kernel/threads-max"),
+        read_number("/proc/sys/vm/max_map_count").map(|maps| maps / 2),
+    ]
+    .into_iter()
+    .flatten()
+    .min();
+    const RESERVE: usize = 256;
+    let by_files = open_files.map(|files| files.saturating_sub(RESERVE));
+    let by_threads = threads.map(|threads| threads.saturating_sub(RESERVE) / 2);
+    [by_files, by_threads]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(usize::MAX)
+        .max(1)
 }
 
 /// `PORT` → `port`, `MAX_MESSAGE_BYTES` → `max-message-bytes`.
@@ -1272,6 +1333,14 @@ mod broker {
             Ok(seq)
         }
 
+        /// Test hook (debug builds only): panics while holding the lock, to show that a panic
+        /// in one connection neither poisons the broker for good nor stops the server.
+        #[cfg(debug_assertions)]
+        pub fn panic_under_lock(&self) {
+            let _state = self.lock();
+            panic!("test hook: panic under the broker lock");
+        }
+
         /// Refuses new operations from now on and tells every session to flush and close.
         pub fn shutdown(&self) {
             let mut state = self.lock();
@@ -1339,6 +1408,7 @@ struct Shared {
     config: Config,
     broker: Broker,
     connections: Connections,
+    refusals: Refusals,
     started: Instant,
     shutting_down: AtomicBool,
     next_connection_id: AtomicU64,
@@ -1346,6 +1416,10 @@ struct Shared {
     rest_addr: UnixSocketAddr,
     /// `Content-Type: application/json`, built once.
     json_header: tiny_http::Header,
+    /// Debug builds only: publishing to this topic panics under the broker lock (the
+    /// integration tests set it with `PUBSUB_BACKEND_TEST_PANIC_TOPIC`).
+    #[cfg(debug_assertions)]
+    test_panic_topic: Option<String>,
 }
 
 impl Shared {
@@ -1357,11 +1431,14 @@ impl Shared {
             broker: Broker::new(config.ring_size),
             config,
             connections: Connections::default(),
+            refusals: Refusals::default(),
             started: Instant::now(),
             shutting_down: AtomicBool::new(false),
             next_connection_id: AtomicU64::new(1),
             rest_addr,
             json_header,
+            #[cfg(debug_assertions)]
+            test_panic_topic: std::env::var("PUBSUB_BACKEND_TEST_PANIC_TOPIC").ok(),
         }
     }
 
@@ -1384,9 +1461,10 @@ struct OpenConnections {
     websockets: usize,
 }
 
-/// Keeps a connection in [`Connections`] while it lives.
-struct Registration<'a> {
-    connections: &'a Connections,
+/// Keeps a connection in [`Connections`] while it lives, counting it against
+/// `MAX_CONNECTIONS`; dropping it (even while a panic unwinds) frees the place.
+struct Registration {
+    shared: Arc<Shared>,
     id: u64,
     websocket: bool,
 }
@@ -1396,13 +1474,18 @@ impl Connections {
         self.open.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn register(&self, id: u64, socket: &Arc<TcpStream>) -> Registration<'_> {
-        self.lock().sockets.insert(id, Arc::clone(socket));
-        Registration {
-            connections: self,
+    /// Admits a connection unless `MAX_CONNECTIONS` are open already.
+    fn admit(shared: &Arc<Shared>, id: u64, socket: &Arc<TcpStream>) -> Option<Registration> {
+        let mut open = shared.connections.lock();
+        if open.sockets.len() >= shared.config.max_connections {
+            return None;
+        }
+        open.sockets.insert(id, Arc::clone(socket));
+        Some(Registration {
+            shared: Arc::clone(shared),
             id,
             websocket: false,
-        }
+        })
     }
 
     /// Waits until every WebSocket session has ended or the deadline passes; returns how many
@@ -1424,22 +1507,49 @@ impl Connections {
     }
 }
 
-impl Registration<'_> {
+impl Registration {
     /// Counts this connection as a WebSocket session until it ends.
     fn mark_websocket(&mut self) {
-        self.connections.lock().websockets += 1;
+        self.shared.connections.lock().websockets += 1;
         self.websocket = true;
     }
 }
 
-impl Drop for Registration<'_> {
+impl Drop for Registration {
     fn drop(&mut self) {
-        let mut open = self.connections.lock();
+        let connections = &self.shared.connections;
+        let mut open = connections.lock();
         open.sockets.remove(&self.id);
         if self.websocket {
             open.websockets -= 1;
         }
-        self.connections.changed.notify_all();
+        connections.changed.notify_all();
+    }
+}
+
+/// Counts connections turned away and logs them at most once a second, so that a flood of
+/// connections does not become a flood of log lines too.
+#[derive(Default)]
+struct Refusals {
+    /// When the last line was logged, and how many refusals came since.
+    log_state: Mutex<(Option<Instant>, u64)>,
+    total: AtomicU64,
+}
+
+impl Refusals {
+    fn record(&self, why: &str) {
+        self.total.fetch_add(1, Ordering::Relaxed);
+        let mut state = self
+            .log_state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let (last_logged, unlogged) = &mut *state;
+        *unlogged += 1;
+        let now = Instant::now();
+        if last_logged.is_none_or(|last| now.duration_since(last) >= Duration::from_secs(1)) {
+            log::warn!("refused {unlogged} connection(s) since the last report: {why}");
+            (*last_logged, *unlogged) = (Some(now), 0);
+        }
     }
 }
 
@@ -1477,24 +1587,54 @@ fn run_acceptor(listener: TcpListener, shared: &Arc<Shared>) {
             id: shared.next_connection_id.fetch_add(1, Ordering::Relaxed),
             addr,
         };
-        let thread_shared = Arc::clone(shared);
+        let socket = Arc::new(stream);
+        let Some(registration) = Connections::admit(shared, peer.id, &socket) else {
+            let why = format!(
+                "MAX_CONNECTIONS ({}) reached",
+                shared.config.max_connections
+            );
+            refuse(&socket, &shared.refusals, &why);
+            continue;
+        };
+        let thread_socket = Arc::clone(&socket);
         let spawned = thread::Builder::new()
             .name(format!("conn-{}", peer.id))
             .stack_size(CONNECTION_STACK_SIZE)
-            .spawn(move || serve_connection(stream, peer, &thread_shared));
+            .spawn(move || serve_connection(&thread_socket, peer, registration));
         if let Err(error) = spawned {
-            log::warn!("{peer}: refused, cannot start a thread: {error}");
+            refuse(
+                &socket,
+                &shared.refusals,
+                &format!("cannot start a thread: {error}"),
+            );
         }
     }
 }
 
+/// Turns away a connection the server cannot take, from the acceptor thread itself (nothing is
+/// spawned for it): a 503 with a JSON error, then close. Whatever of the request has arrived
+/// is read first, so that closing does not reset the connection before the client reads the
+/// answer. Nothing here may block the acceptor.
+fn refuse(socket: &TcpStream, refusals: &Refusals, why: &str) {
+    let _ = socket.set_nonblocking(true);
+    let _ = (&*socket).read(&mut [0u8; 4096]);
+    let message = format!("server busy: {why}; retry later");
+    let _ = write_raw_error(
+        &mut &*socket,
+        StatusCode::SERVICE_UNAVAILABLE,
+        ErrorCode::Internal,
+        &message,
+    );
+    let _ = socket.shutdown(Shutdown::Write);
+    refusals.record(why);
+}
+
 /// Runs one client connection to its end and logs that end once: expected ends (closed, reset,
 /// timed out) at debug, anything else at warn.
-fn serve_connection(stream: TcpStream, peer: Peer, shared: &Shared) {
+fn serve_connection(socket: &Arc<TcpStream>, peer: Peer, mut registration: Registration) {
     log::debug!("{peer}: connected");
-    let socket = Arc::new(stream);
-    let mut registration = shared.connections.register(peer.id, &socket);
-    match dispatch(&socket, peer, shared, &mut registration) {
+    let shared = Arc::clone(&registration.shared);
+    match dispatch(socket, peer, &shared, &mut registration) {
         Ok(()) => log::debug!("{peer}: closed"),
         Err(error) if is_expected_end(&error) => log::debug!("{peer}: closed: {error}"),
         Err(error) => log::warn!("{peer}: failed: {error}"),
@@ -1531,7 +1671,7 @@ fn dispatch(
     socket: &Arc<TcpStream>,
     peer: Peer,
     shared: &Shared,
-    registration: &mut Registration<'_>,
+    registration: &mut Registration,
 ) -> io::Result<()> {
     socket.set_nodelay(true)?;
     socket.set_write_timeout(Some(shared.config.write_timeout))?;
@@ -1741,6 +1881,12 @@ fn serve_ws(socket: &Arc<TcpStream>, peer: Peer, shared: &Shared) -> io::Result<
     shared
         .broker
         .open_session(session.id, session.tx.clone(), Arc::clone(&control));
+    // However this thread leaves, a panic included, the session leaves the broker, so that its
+    // writer sees the queue disconnect and ends too.
+    let _leave_broker = LeaveBrokerOnDrop {
+        broker: &shared.broker,
+        id: session.id,
+    };
     let writer_ws = WebSocket::from_raw_socket(
         WriterSocket(Arc::clone(socket)),
         Role::Server,
@@ -1783,6 +1929,18 @@ fn serve_ws(socket: &Arc<TcpStream>, peer: Peer, shared: &Shared) -> io::Result<
     match end {
         ReadEnd::Failed(error) => Err(error),
         _ => Ok(()),
+    }
+}
+
+/// Removes a WebSocket session from the broker when dropped.
+struct LeaveBrokerOnDrop<'a> {
+    broker: &'a Broker,
+    id: u64,
+}
+
+impl Drop for LeaveBrokerOnDrop<'_> {
+    fn drop(&mut self) {
+        self.broker.close_session(self.id);
     }
 }
 
@@ -2006,6 +2164,10 @@ fn handle_request(text: &str, session: &Session<'_>) -> Option<Outgoing> {
             result.map(|()| (topic, None))
         }
         Operation::Publish { topic, id, payload } => {
+            #[cfg(debug_assertions)]
+            if session.shared.test_panic_topic.as_deref() == Some(topic.as_str()) {
+                broker.panic_under_lock();
+            }
             publish(broker, topic, id, payload, &ts).map(|seq| (topic, Some(seq)))
         }
     };
