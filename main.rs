@@ -42,7 +42,7 @@
 #![forbid(unsafe_code)]
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::{self, Write as _};
 use std::io::{self, Read, Write};
 use std::net::{
@@ -125,6 +125,7 @@ fn main() -> ExitCode {
             let _ = writeln!(io::stdout(), "pubsub-backend {}", env!("CARGO_PKG_VERSION"));
             return ExitCode::SUCCESS;
         }
+        Invocation::Healthcheck(config) => return healthcheck(&config),
         Invocation::Run(config) => config,
     };
     StderrLogger::install(config.log_level);
@@ -138,6 +139,40 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             log::error!("{error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Asks the server at `HOST`/`PORT` on this machine for `GET /health` and succeeds on a 200:
+/// Docker's `HEALTHCHECK` for an image that has no shell and no curl.
+fn healthcheck(config: &Config) -> ExitCode {
+    let addr = loopback_for(config.bind_addr);
+    let status_line = || -> io::Result<String> {
+        let timeout = Duration::from_secs(3);
+        let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))?;
+        write!(stream, "GET /health HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+        let mut head = Vec::new();
+        stream.take(256).read_to_end(&mut head)?;
+        let head = String::from_utf8_lossy(&head);
+        Ok(head.lines().next().unwrap_or_default().to_string())
+    };
+    match status_line() {
+        Ok(line) if line.split(' ').nth(1) == Some("200") => ExitCode::SUCCESS,
+        Ok(line) => {
+            let _ = writeln!(
+                io::stderr(),
+                "pubsub-backend: unhealthy: GET http://{addr}/health answered {line:?}"
+            );
+            ExitCode::FAILURE
+        }
+        Err(error) => {
+            let _ = writeln!(
+                io::stderr(),
+                "pubsub-backend: unhealthy: GET http://{addr}/health: {error}"
+            );
             ExitCode::FAILURE
         }
     }
@@ -201,7 +236,7 @@ fn run(config: Config) -> io::Result<()> {
         signal_name(signal)
     );
     shared.shutting_down.store(true, Ordering::SeqCst);
-    match TcpStream::connect_timeout(&wake_addr(local_addr), Duration::from_secs(1)) {
+    match TcpStream::connect_timeout(&loopback_for(local_addr), Duration::from_secs(1)) {
         Ok(_) => join_quietly(acceptor),
         Err(error) => {
             log::warn!("could not wake the acceptor ({error}); exiting without joining it")
@@ -229,6 +264,8 @@ fn run(config: Config) -> io::Result<()> {
 #[derive(Debug)]
 enum Invocation {
     Run(Config),
+    /// `pubsub-backend healthcheck`: ask the server on this machine for `GET /health`.
+    Healthcheck(Config),
     Help,
     Version,
 }
@@ -294,6 +331,16 @@ const SETTINGS: &[Setting] = &[
         help: "open connections served at once; auto derives it from the OS limits",
     },
     Setting {
+        var: "CORS_ORIGINS",
+        default: None,
+        help: "comma-separated origins allowed from browsers (* for any); unset: no CORS",
+    },
+    Setting {
+        var: "CONSOLE",
+        default: Some("on"),
+        help: "on or off: the live console page at GET /",
+    },
+    Setting {
         var: "API_KEY",
         default: None,
         help: "when set, required by every request but GET /health",
@@ -315,6 +362,11 @@ struct Config {
     max_message_bytes: usize,
     /// Connections served at once; more are refused with 503 (see [`refuse`]).
     max_connections: usize,
+    /// Origins allowed by CORS and on WebSocket upgrades; `None` sends no CORS headers and
+    /// checks no `Origin`.
+    cors_origins: Option<Vec<String>>,
+    /// Serve the live console at `GET /`.
+    console: bool,
     api_key: Option<String>,
 }
 
@@ -343,7 +395,8 @@ impl Invocation {
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Invocation, String> {
         let mut flags: HashMap<&'static str, String> = HashMap::new();
-        let mut args = args.into_iter();
+        let mut args = args.into_iter().peekable();
+        let healthcheck = args.next_if(|arg| arg == "healthcheck").is_some();
         while let Some(arg) = args.next() {
             match arg.as_str() {
                 "-h" | "--help" => return Ok(Invocation::Help),
@@ -365,9 +418,12 @@ impl Invocation {
             flags.insert(setting.var, value);
         }
         let lookup = |var: &'static str| flags.get(var).cloned().or_else(|| env(var));
-        Config::from_lookup(lookup)
-            .map(Invocation::Run)
-            .map_err(|e| e.to_string())
+        let config = Config::from_lookup(lookup).map_err(|e| e.to_string())?;
+        Ok(if healthcheck {
+            Invocation::Healthcheck(config)
+        } else {
+            Invocation::Run(config)
+        })
     }
 }
 
@@ -471,7 +527,40 @@ impl Config {
                 (value, _) if value.trim().eq_ignore_ascii_case("auto") => os_connection_limit(),
                 _ => count("MAX_CONNECTIONS", 1)?,
             },
+            cors_origins: match lookup("CORS_ORIGINS") {
+                None => None,
+                Some(list) => {
+                    let origins: Vec<String> = list
+                        .split(',')
+                        .map(|origin| origin.trim().trim_end_matches('/').to_string())
+                        .filter(|origin| !origin.is_empty())
+                        .collect();
+                    if origins.is_empty() {
+                        let expected =
+                            "origins such as https://app.example.com,http://localhost:3000 or *";
+                        return Err(invalid((list, "CORS_ORIGINS"), expected));
+                    }
+                    Some(origins)
+                }
+            },
+            console: {
+                let (value, var) = setting("CONSOLE");
+                match value.trim().to_ascii_lowercase().as_str() {
+                    "on" | "true" | "1" => true,
+                    "off" | "false" | "0" => false,
+                    _ => return Err(invalid((value, var), "on or off")),
+                }
+            },
             api_key,
+        })
+    }
+
+    /// Whether a browser page from `origin` may use this server (CORS and WebSocket upgrades).
+    fn cors_allows(&self, origin: &str) -> bool {
+        self.cors_origins.as_ref().is_some_and(|origins| {
+            origins
+                .iter()
+                .any(|allowed| allowed == "*" || allowed == origin)
         })
     }
 
@@ -533,7 +622,8 @@ fn flag_name(var: &str) -> String {
 fn help_text() -> String {
     let mut text = format!(
         "pubsub-backend {}: publish/subscribe over WebSocket (/ws), topics over REST, one port.\n\n\
-         Usage: pubsub-backend [--NAME VALUE]...\n\n\
+         Usage: pubsub-backend [--NAME VALUE]...\n\
+         \x20      pubsub-backend healthcheck [--NAME VALUE]...   exit 0 if GET /health answers 200\n\n\
          Settings come from environment variables; the flag beside each overrides it.\n\n",
         env!("CARGO_PKG_VERSION")
     );
@@ -596,6 +686,8 @@ enum ErrorCode {
     TopicNotFound,
     SlowConsumer,
     Unauthorized,
+    /// A WebSocket upgrade from a browser origin not in `CORS_ORIGINS`.
+    Forbidden,
     Internal,
     TopicExists,
     NotFound,
@@ -936,9 +1028,12 @@ fn timestamp() -> String {
 /// into bytes on the socket.
 #[derive(Debug)]
 enum Outgoing {
-    /// A complete JSON text frame: ack, event, error or info. An event's bytes are shared by
-    /// every subscriber's queue (`Utf8Bytes` clones share one buffer).
+    /// A complete JSON text frame: ack, error, info or replayed event.
     Text(Utf8Bytes),
+    /// A live event, whose bytes are shared by every subscriber's queue (`Utf8Bytes` clones
+    /// share one buffer), and when it was accepted ([`Shared::clock_us`]) for the
+    /// publish-to-write histogram.
+    Event(Utf8Bytes, u32),
     /// A subscribe ack followed by its replayed events, queued as one item under the broker lock
     /// so that no live event can come between them.
     Batch(Box<[Utf8Bytes]>),
@@ -1026,12 +1121,27 @@ mod broker {
         }
     }
 
-    /// Counts for `/topics` and `/stats`.
+    /// Counts for `/topics`, `/stats` and `/metrics`.
     #[derive(Debug, Clone, PartialEq, Eq)]
     pub struct TopicStats {
         pub name: String,
         pub messages: u64,
         pub subscribers: usize,
+        /// Events queued for its subscribers, ever.
+        pub delivered: u64,
+    }
+
+    /// What `/metrics` reports of the broker.
+    #[derive(Debug)]
+    pub struct Snapshot {
+        pub topics: usize,
+        pub subscriptions: usize,
+        /// Messages published and events queued for subscribers since start, deleted topics
+        /// included.
+        pub published: u64,
+        pub delivered: u64,
+        /// The first topics by name, at most as many as asked for.
+        pub first_topics: Vec<TopicStats>,
     }
 
     /// One event in a topic's ring: its number and the exact frame sent live.
@@ -1062,6 +1172,8 @@ mod broker {
         topics: BTreeMap<Arc<str>, Topic>,
         sessions: HashMap<SessionId, Session>,
         closed: bool,
+        published: u64,
+        delivered: u64,
     }
 
     struct Topic {
@@ -1077,6 +1189,8 @@ mod broker {
         /// `last_seq`.
         ring: VecDeque<RingEntry>,
         subscribers: Vec<Subscriber>,
+        /// Events queued for subscribers, ever.
+        delivered: u64,
     }
 
     struct Subscriber {
@@ -1117,6 +1231,7 @@ mod broker {
                 last_seq: 0,
                 ring: VecDeque::new(),
                 subscribers: Vec::new(),
+                delivered: 0,
             };
             state.topics.insert(name, topic);
             Ok(())
@@ -1149,16 +1264,23 @@ mod broker {
         }
 
         pub fn topic_stats(&self) -> Vec<TopicStats> {
+            self.lock().topics.values().map(Topic::stats).collect()
+        }
+
+        pub fn snapshot(&self, max_topics: usize) -> Snapshot {
             let state = self.lock();
-            state
-                .topics
-                .iter()
-                .map(|(name, topic)| TopicStats {
-                    name: name.to_string(),
-                    messages: topic.last_seq,
-                    subscribers: topic.subscribers.len(),
-                })
-                .collect()
+            Snapshot {
+                topics: state.topics.len(),
+                subscriptions: state.topics.values().map(|t| t.subscribers.len()).sum(),
+                published: state.published,
+                delivered: state.delivered,
+                first_topics: state
+                    .topics
+                    .values()
+                    .take(max_topics)
+                    .map(Topic::stats)
+                    .collect(),
+            }
         }
 
         /// (topics, active subscriptions) for `/health`.
@@ -1291,7 +1413,12 @@ mod broker {
         /// Numbers an event, appends it to the topic's ring and queues it for every
         /// subscriber, without waiting for any: a subscriber whose queue is full is cut as a
         /// slow consumer. Returns the event's `seq`.
-        pub fn publish(&self, name: &str, event: &Unfinished) -> Result<u64, BrokerError> {
+        pub fn publish(
+            &self,
+            name: &str,
+            event: &Unfinished,
+            accepted_us: u32,
+        ) -> Result<u64, BrokerError> {
             let mut state = self.lock();
             if state.closed {
                 return Err(BrokerError::Closed);
@@ -1315,8 +1442,11 @@ mod broker {
             }
             let mut overflowed = Vec::new();
             for subscriber in &topic.subscribers {
-                match subscriber.tx.try_send(Outgoing::Text(frame.clone())) {
-                    Ok(()) => {}
+                match subscriber
+                    .tx
+                    .try_send(Outgoing::Event(frame.clone(), accepted_us))
+                {
+                    Ok(()) => topic.delivered += 1,
                     Err(TrySendError::Full(_)) => {
                         overflowed.push((subscriber.session, Ending::SlowConsumer))
                     }
@@ -1327,6 +1457,9 @@ mod broker {
                 }
             }
             let name = Arc::clone(&topic.name);
+            let delivered = topic.subscribers.len() - overflowed.len();
+            state.published += 1;
+            state.delivered += delivered as u64;
             for (session, why) in overflowed {
                 state.cut(session, why, Some((Arc::clone(&name), seq - 1)));
             }
@@ -1354,6 +1487,15 @@ mod broker {
     }
 
     impl Topic {
+        fn stats(&self) -> TopicStats {
+            TopicStats {
+                name: self.name.to_string(),
+                messages: self.last_seq,
+                subscribers: self.subscribers.len(),
+                delivered: self.delivered,
+            }
+        }
+
         /// How many ring entries a new subscription replays, and for a resume whether it
         /// recovered everything after the client's position.
         fn replay_length(&self, replay: &Replay) -> (usize, Option<bool>) {
@@ -1409,13 +1551,12 @@ struct Shared {
     broker: Broker,
     connections: Connections,
     refusals: Refusals,
+    metrics: Metrics,
     started: Instant,
     shutting_down: AtomicBool,
     next_connection_id: AtomicU64,
     /// Where tiny_http listens; REST connections are pumped there.
     rest_addr: UnixSocketAddr,
-    /// `Content-Type: application/json`, built once.
-    json_header: tiny_http::Header,
     /// Debug builds only: publishing to this topic panics under the broker lock (the
     /// integration tests set it with `PUBSUB_BACKEND_TEST_PANIC_TOPIC`).
     #[cfg(debug_assertions)]
@@ -1424,19 +1565,16 @@ struct Shared {
 
 impl Shared {
     fn new(config: Config, rest_addr: UnixSocketAddr) -> Shared {
-        let json_header =
-            tiny_http::Header::from_bytes(&b"Content-Type"[..], &b"application/json"[..])
-                .unwrap_or_else(|()| unreachable!("a constant ASCII header is valid"));
         Shared {
             broker: Broker::new(config.ring_size),
             config,
             connections: Connections::default(),
             refusals: Refusals::default(),
+            metrics: Metrics::default(),
             started: Instant::now(),
             shutting_down: AtomicBool::new(false),
             next_connection_id: AtomicU64::new(1),
             rest_addr,
-            json_header,
             #[cfg(debug_assertions)]
             test_panic_topic: std::env::var("PUBSUB_BACKEND_TEST_PANIC_TOPIC").ok(),
         }
@@ -1444,6 +1582,12 @@ impl Shared {
 
     fn is_shutting_down(&self) -> bool {
         self.shutting_down.load(Ordering::SeqCst)
+    }
+
+    /// Microseconds since start, wrapping every 71 minutes: stamps events compactly (an
+    /// [`Outgoing`] stays 40 bytes) for latencies far shorter than that.
+    fn clock_us(&self) -> u32 {
+        self.started.elapsed().as_micros() as u32
     }
 }
 
@@ -1499,6 +1643,12 @@ impl Connections {
         open.websockets
     }
 
+    /// (open connections, of which WebSocket sessions).
+    fn counts(&self) -> (usize, usize) {
+        let open = self.lock();
+        (open.sockets.len(), open.websockets)
+    }
+
     /// Shuts every socket down, which wakes the threads blocked on them.
     fn shutdown_all(&self) {
         for socket in self.lock().sockets.values() {
@@ -1550,6 +1700,74 @@ impl Refusals {
             log::warn!("refused {unlogged} connection(s) since the last report: {why}");
             (*last_logged, *unlogged) = (Some(now), 0);
         }
+    }
+}
+
+/// Upper bounds of the publish-to-write latency buckets, in microseconds (50 µs to 5 s).
+const LATENCY_BUCKETS_US: [u64; 14] = [
+    50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000,
+    5_000_000,
+];
+
+/// Topics shown one by one in `/metrics` (the first by name); the rest are counted in
+/// `pubsub_metrics_topics_omitted`, so that a million topics cannot blow up a scrape.
+const MAX_TOPIC_SERIES: usize = 100;
+
+/// What `/metrics` reports beyond the broker's counts: relaxed atomics and one small map, so
+/// the hot paths never wait on them.
+#[derive(Default)]
+struct Metrics {
+    slow_consumer_cuts: AtomicU64,
+    heartbeat_reaps: AtomicU64,
+    /// (route label, status) → requests.
+    rest_requests: Mutex<BTreeMap<(&'static str, u16), u64>>,
+    publish_to_write: LatencyHistogram,
+}
+
+impl Metrics {
+    fn count_rest_request(&self, route: &'static str, status: u16) {
+        let mut requests = self
+            .rest_requests
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        *requests.entry((route, status)).or_default() += 1;
+    }
+}
+
+/// A histogram of microseconds; one extra bucket holds what exceeds the last bound.
+#[derive(Default)]
+struct LatencyHistogram {
+    counts: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
+    sum_us: AtomicU64,
+}
+
+impl LatencyHistogram {
+    /// Adds a writer's batch with one atomic add per bucket it touched.
+    fn add(&self, batch: &LatencyBatch) {
+        for (count, &n) in self
+            .counts
+            .iter()
+            .zip(&batch.counts)
+            .filter(|(_, &n)| n > 0)
+        {
+            count.fetch_add(n, Ordering::Relaxed);
+        }
+        self.sum_us.fetch_add(batch.sum_us, Ordering::Relaxed);
+    }
+}
+
+/// The latencies of one writer batch, kept locally until its flush.
+#[derive(Default)]
+struct LatencyBatch {
+    counts: [u64; LATENCY_BUCKETS_US.len() + 1],
+    sum_us: u64,
+}
+
+impl LatencyBatch {
+    fn record(&mut self, latency_us: u32) {
+        let latency_us = u64::from(latency_us);
+        self.counts[LATENCY_BUCKETS_US.partition_point(|&bound| bound < latency_us)] += 1;
+        self.sum_us += latency_us;
     }
 }
 
@@ -1670,7 +1888,7 @@ enum Route {
 fn dispatch(
     socket: &Arc<TcpStream>,
     peer: Peer,
-    shared: &Shared,
+    shared: &Arc<Shared>,
     registration: &mut Registration,
 ) -> io::Result<()> {
     socket.set_nodelay(true)?;
@@ -1826,15 +2044,13 @@ struct Session<'a> {
 
 /// Serves one WebSocket connection: handshake, then this thread reads requests while a writer
 /// thread sends everything queued for the connection.
-fn serve_ws(socket: &Arc<TcpStream>, peer: Peer, shared: &Shared) -> io::Result<()> {
+fn serve_ws(socket: &Arc<TcpStream>, peer: Peer, shared: &Arc<Shared>) -> io::Result<()> {
     let config = &shared.config;
     let reader_socket = ReaderSocket {
         socket: Arc::clone(socket),
         handshake_done: false,
     };
-    let authorize = UpgradeAuth {
-        api_key: config.api_key.as_deref(),
-    };
+    let authorize = UpgradeAuth { config };
     let mut ws = match tungstenite::accept_hdr_with_config(
         reader_socket,
         authorize,
@@ -1897,8 +2113,8 @@ fn serve_ws(socket: &Arc<TcpStream>, peer: Peer, shared: &Shared) -> io::Result<
         rx,
         control,
         peer,
-        heartbeat: config.heartbeat,
-        queue_size: config.queue_size,
+        shared: Arc::clone(shared),
+        unflushed: Vec::new(),
     };
     let writer = match thread::Builder::new()
         .name(format!("ws-writer-{}", peer.id))
@@ -1914,6 +2130,12 @@ fn serve_ws(socket: &Arc<TcpStream>, peer: Peer, shared: &Shared) -> io::Result<
 
     let end = read_requests(&mut ws, &session);
     shared.broker.close_session(session.id);
+    if let ReadEnd::Silent = end {
+        shared
+            .metrics
+            .heartbeat_reaps
+            .fetch_add(1, Ordering::Relaxed);
+    }
     match &end {
         ReadEnd::ProtocolViolation(violation) => {
             log::debug!("{peer}: protocol violation: {violation}")
@@ -1944,9 +2166,10 @@ impl Drop for LeaveBrokerOnDrop<'_> {
     }
 }
 
-/// tungstenite's handshake callback: refuses an upgrade without the right API key with 401.
+/// tungstenite's handshake callback: refuses an upgrade from a browser origin that
+/// `CORS_ORIGINS` does not allow with 403, and one without the right API key with 401.
 struct UpgradeAuth<'a> {
-    api_key: Option<&'a str>,
+    config: &'a Config,
 }
 
 impl Callback for UpgradeAuth<'_> {
@@ -1955,7 +2178,22 @@ impl Callback for UpgradeAuth<'_> {
         request: &UpgradeRequest,
         response: UpgradeResponse,
     ) -> Result<UpgradeResponse, ErrorResponse> {
-        if upgrade_is_authorized(request, self.api_key) {
+        // Only browsers send Origin; other clients are not subject to it.
+        let origin = request
+            .headers()
+            .get(header::ORIGIN)
+            .map(|o| o.to_str().unwrap_or("(not ASCII)"));
+        if let Some(origin) = origin.filter(|_| self.config.cors_origins.is_some()) {
+            if !self.config.cors_allows(origin) {
+                let message = format!("origin {origin:?} is not in CORS_ORIGINS");
+                return Err(json_error_response(
+                    StatusCode::FORBIDDEN,
+                    ErrorCode::Forbidden,
+                    &message,
+                ));
+            }
+        }
+        if upgrade_is_authorized(request, self.config.api_key.as_deref()) {
             Ok(response)
         } else {
             let message = "missing or wrong API key (X-API-Key header or api_key query parameter)";
@@ -2168,7 +2406,7 @@ fn handle_request(text: &str, session: &Session<'_>) -> Option<Outgoing> {
             if session.shared.test_panic_topic.as_deref() == Some(topic.as_str()) {
                 broker.panic_under_lock();
             }
-            publish(broker, topic, id, payload, &ts).map(|seq| (topic, Some(seq)))
+            publish(session.shared, topic, id, payload, &ts).map(|seq| (topic, Some(seq)))
         }
     };
     Some(match outcome {
@@ -2197,7 +2435,7 @@ fn handle_request(text: &str, session: &Session<'_>) -> Option<Outgoing> {
 /// Publishes a message, from WebSocket or HTTP alike: serialized once here, numbered by the
 /// broker. Returns the `seq` it got.
 fn publish(
-    broker: &Broker,
+    shared: &Shared,
     topic: &str,
     id: &str,
     payload: &RawValue,
@@ -2208,7 +2446,9 @@ fn publish(
         message: EventMessage { id, payload },
         ts,
     };
-    broker.publish(topic, &Unfinished::new(&event))
+    shared
+        .broker
+        .publish(topic, &Unfinished::new(&event), shared.clock_us())
 }
 
 impl Operation<'_> {
@@ -2242,8 +2482,9 @@ struct Writer {
     rx: Receiver<Outgoing>,
     control: Arc<SessionControl>,
     peer: Peer,
-    heartbeat: Duration,
-    queue_size: usize,
+    shared: Arc<Shared>,
+    /// When the live events written since the last flush were accepted ([`Shared::clock_us`]).
+    unflushed: Vec<u32>,
 }
 
 impl Writer {
@@ -2272,7 +2513,8 @@ impl Writer {
     /// Writes queued items in batches, one flush per batch, and a heartbeat every interval.
     /// Returns once a Close frame has been sent or the queue is disconnected.
     fn write_until_closed(&mut self) -> tungstenite::Result<()> {
-        let mut next_heartbeat = Instant::now() + self.heartbeat;
+        let heartbeat = self.shared.config.heartbeat;
+        let mut next_heartbeat = Instant::now() + heartbeat;
         loop {
             match self
                 .rx
@@ -2291,10 +2533,10 @@ impl Writer {
                                 }
                             }
                             Err(TryRecvError::Empty) => break,
-                            Err(TryRecvError::Disconnected) => return self.ws.flush(),
+                            Err(TryRecvError::Disconnected) => return self.flush(),
                         }
                     }
-                    self.ws.flush()?;
+                    self.flush()?;
                 }
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => return Ok(()),
@@ -2307,8 +2549,12 @@ impl Writer {
                         "outbound queue full (QUEUE_SIZE={}): every subscription of this connection was \
                          removed; events up to this message were delivered, none after; resubscribe \
                          with since_seq and epoch to resume",
-                        self.queue_size
+                        self.shared.config.queue_size
                     );
+                    self.shared
+                        .metrics
+                        .slow_consumer_cuts
+                        .fetch_add(1, Ordering::Relaxed);
                     let (topic, seq) = self.control.cut_position().unzip();
                     let error = ErrorBody {
                         code: ErrorCode::SlowConsumer,
@@ -2347,7 +2593,7 @@ impl Writer {
                 .to_frame();
                 self.ws.write(Message::Text(frame))?;
                 self.ws.flush()?;
-                next_heartbeat = Instant::now() + self.heartbeat;
+                next_heartbeat = Instant::now() + heartbeat;
             }
         }
     }
@@ -2356,6 +2602,10 @@ impl Writer {
     fn write_item(&mut self, item: Outgoing) -> tungstenite::Result<bool> {
         match item {
             Outgoing::Text(frame) => self.ws.write(Message::Text(frame))?,
+            Outgoing::Event(frame, accepted_us) => {
+                self.ws.write(Message::Text(frame))?;
+                self.unflushed.push(accepted_us);
+            }
             Outgoing::Batch(frames) => {
                 for frame in frames {
                     self.ws.write(Message::Text(frame))?;
@@ -2369,6 +2619,21 @@ impl Writer {
             Outgoing::Wake => {}
         }
         Ok(false)
+    }
+
+    /// Sends everything written so far, then records how long its live events took since
+    /// their publish was accepted.
+    fn flush(&mut self) -> tungstenite::Result<()> {
+        self.ws.flush()?;
+        if !self.unflushed.is_empty() {
+            let now_us = self.shared.clock_us();
+            let mut batch = LatencyBatch::default();
+            for accepted_us in self.unflushed.drain(..) {
+                batch.record(now_us.wrapping_sub(accepted_us));
+            }
+            self.shared.metrics.publish_to_write.add(&batch);
+        }
+        Ok(())
     }
 
     fn close(&mut self, code: CloseCode, reason: &'static str) -> tungstenite::Result<()> {
@@ -2462,6 +2727,17 @@ impl RestError {
         }
     }
 
+    fn into_reply(self) -> RestReply {
+        let headers = match self {
+            RestError::MethodNotAllowed(allow) => vec![("Allow", allow.to_string())],
+            _ => Vec::new(),
+        };
+        RestReply {
+            headers,
+            ..RestReply::json(self.status(), error_json(self.code(), &self.message()))
+        }
+    }
+
     fn from_broker(error: BrokerError, topic: &str) -> RestError {
         match error {
             BrokerError::TopicNotFound => RestError::TopicNotFound(topic.to_string()),
@@ -2488,22 +2764,48 @@ impl RestError {
     }
 }
 
-/// A REST success: status and JSON body.
-type RestReply = (u16, String);
+/// A REST answer: status, body and its type, and any extra headers.
+#[derive(Debug)]
+struct RestReply {
+    status: u16,
+    body: String,
+    content_type: &'static str,
+    headers: Vec<(&'static str, String)>,
+}
+
+const JSON: &str = "application/json";
+/// The Prometheus text exposition format, version 0.0.4.
+const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+const HTML: &str = "text/html; charset=utf-8";
+
+impl RestReply {
+    fn json(status: u16, body: String) -> RestReply {
+        RestReply {
+            status,
+            body,
+            content_type: JSON,
+            headers: Vec::new(),
+        }
+    }
+}
 
 /// The REST routes, parsed from a request path.
 #[derive(Debug, PartialEq, Eq)]
 enum RestRoute<'a> {
+    Console,
     Topics,
     Topic(&'a str),
     Messages(&'a str),
     Health,
     Stats,
+    Metrics,
 }
 
 impl<'a> RestRoute<'a> {
     fn parse(path: &'a str) -> Option<RestRoute<'a>> {
         match path {
+            "/" => Some(RestRoute::Console),
+            "/metrics" => Some(RestRoute::Metrics),
             "/topics" => Some(RestRoute::Topics),
             "/health" => Some(RestRoute::Health),
             "/stats" => Some(RestRoute::Stats),
@@ -2521,43 +2823,68 @@ impl<'a> RestRoute<'a> {
         match self {
             RestRoute::Topics | RestRoute::Messages(_) => "GET, POST",
             RestRoute::Topic(_) => "DELETE",
-            RestRoute::Health | RestRoute::Stats => "GET",
+            RestRoute::Health | RestRoute::Stats | RestRoute::Metrics | RestRoute::Console => "GET",
+        }
+    }
+
+    /// The route as a metrics label: names in paths become `{name}`, so a million topics make
+    /// one series, not a million.
+    fn label(&self) -> &'static str {
+        match self {
+            RestRoute::Console => "/",
+            RestRoute::Topics => "/topics",
+            RestRoute::Topic(_) => "/topics/{name}",
+            RestRoute::Messages(_) => "/topics/{name}/messages",
+            RestRoute::Health => "/health",
+            RestRoute::Stats => "/stats",
+            RestRoute::Metrics => "/metrics",
         }
     }
 }
 
 /// Answers one REST request; a failed answer means the client has gone.
 fn handle_rest(mut request: tiny_http::Request, shared: &Shared) {
-    let (status, body, allow) = match route_rest(&mut request, shared) {
-        Ok((status, body)) => (status, body, None),
-        Err(error) => {
-            let allow = match error {
-                RestError::MethodNotAllowed(allow) => Some(allow),
-                _ => None,
-            };
-            (
-                error.status(),
-                error_json(error.code(), &error.message()),
-                allow,
-            )
+    let path = request
+        .url()
+        .split('?')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let route = RestRoute::parse(&path).map_or("other", |route| route.label());
+    let origin =
+        header_value(&request, "Origin").filter(|origin| shared.config.cors_allows(origin));
+    let reply = route_rest(&mut request, shared).unwrap_or_else(RestError::into_reply);
+    log::debug!("REST {} {path} -> {}", request.method(), reply.status);
+    shared.metrics.count_rest_request(route, reply.status);
+
+    let mut response = tiny_http::Response::from_string(reply.body).with_status_code(reply.status);
+    let cors = origin.into_iter().flat_map(|origin| {
+        [
+            ("Access-Control-Allow-Origin", origin),
+            ("Vary", "Origin".into()),
+        ]
+    });
+    let headers = [("Content-Type", reply.content_type.to_string())]
+        .into_iter()
+        .chain(reply.headers)
+        .chain(cors);
+    for (name, value) in headers {
+        // Our own values are ASCII; a header that cannot be built is left out, not a panic.
+        if let Ok(header) = tiny_http::Header::from_bytes(name.as_bytes(), value.as_bytes()) {
+            response.add_header(header);
         }
-    };
-    log::debug!(
-        "REST {} {} -> {status}",
-        request.method(),
-        request.url().split('?').next().unwrap_or_default()
-    );
-    let mut response = tiny_http::Response::from_string(body)
-        .with_status_code(status)
-        .with_header(shared.json_header.clone());
-    if let Some(header) =
-        allow.and_then(|allow| tiny_http::Header::from_bytes(&b"Allow"[..], allow.as_bytes()).ok())
-    {
-        response.add_header(header);
     }
     if let Err(error) = request.respond(response) {
         log::debug!("REST response not delivered: {error}");
     }
+}
+
+fn header_value(request: &tiny_http::Request, name: &'static str) -> Option<String> {
+    request
+        .headers()
+        .iter()
+        .find(|h| h.field.equiv(name))
+        .map(|h| h.value.to_string())
 }
 
 fn route_rest(request: &mut tiny_http::Request, shared: &Shared) -> Result<RestReply, RestError> {
@@ -2565,8 +2892,17 @@ fn route_rest(request: &mut tiny_http::Request, shared: &Shared) -> Result<RestR
     let (path, query) = request.url().split_once('?').unwrap_or((request.url(), ""));
     let (path, query) = (path.to_string(), query.to_string());
     let method = request.method().clone();
-    // Liveness probes must work without the key; nothing else does.
-    let open_to_all = method == Method::Get && path == "/health";
+    let route = RestRoute::parse(&path).ok_or(RestError::NotFound)?;
+    if route == RestRoute::Console && !shared.config.console {
+        return Err(RestError::NotFound);
+    }
+    // CORS preflights carry no credentials (browsers send them without custom headers).
+    if method == Method::Options {
+        return Ok(preflight(&route));
+    }
+    // Liveness probes and the console page (which asks for the key) work without the key.
+    let open_to_all =
+        method == Method::Get && matches!(route, RestRoute::Health | RestRoute::Console);
     if let Some(expected) = shared.config.api_key.as_deref() {
         let given = request
             .headers()
@@ -2577,7 +2913,6 @@ fn route_rest(request: &mut tiny_http::Request, shared: &Shared) -> Result<RestR
             return Err(RestError::Unauthorized);
         }
     }
-    let route = RestRoute::parse(&path).ok_or(RestError::NotFound)?;
     match (&route, method) {
         (RestRoute::Topics, Method::Get) => Ok(list_topics(shared)),
         (RestRoute::Topics, Method::Post) => {
@@ -2592,7 +2927,32 @@ fn route_rest(request: &mut tiny_http::Request, shared: &Shared) -> Result<RestR
         }
         (RestRoute::Health, Method::Get) => Ok(health(shared)),
         (RestRoute::Stats, Method::Get) => Ok(stats(shared)),
+        (RestRoute::Metrics, Method::Get) => Ok(metrics(shared)),
+        (RestRoute::Console, Method::Get) => Ok(RestReply {
+            content_type: HTML,
+            ..RestReply::json(200, CONSOLE_HTML.to_string())
+        }),
         _ => Err(RestError::MethodNotAllowed(route.allowed_methods())),
+    }
+}
+
+/// Answers `OPTIONS`: the route's methods, and for a CORS preflight what a browser may send.
+/// The `Access-Control-Allow-Origin` that makes a preflight succeed is added by [`handle_rest`]
+/// only for an allowed origin.
+fn preflight(route: &RestRoute<'_>) -> RestReply {
+    let methods = format!("{}, OPTIONS", route.allowed_methods());
+    let headers = vec![
+        ("Allow", methods.clone()),
+        ("Access-Control-Allow-Methods", methods),
+        (
+            "Access-Control-Allow-Headers",
+            "Content-Type, X-API-Key".to_string(),
+        ),
+        ("Access-Control-Max-Age", "600".to_string()),
+    ];
+    RestReply {
+        headers,
+        ..RestReply::json(204, String::new())
     }
 }
 
@@ -2622,7 +2982,7 @@ fn list_topics(shared: &Shared) -> RestReply {
         .into_iter()
         .map(|t| serde_json::json!({"name": t.name, "subscribers": t.subscribers}))
         .collect();
-    (200, serde_json::json!({ "topics": topics }).to_string())
+    RestReply::json(200, serde_json::json!({ "topics": topics }).to_string())
 }
 
 fn create_topic(body: &[u8], shared: &Shared) -> Result<RestReply, RestError> {
@@ -2642,7 +3002,7 @@ fn create_topic(body: &[u8], shared: &Shared) -> Result<RestReply, RestError> {
     match shared.broker.create_topic(&name, new_epoch()) {
         Ok(()) => {
             log::info!("topic {name:?} created");
-            Ok((
+            Ok(RestReply::json(
                 201,
                 serde_json::json!({"status": "created", "topic": name}).to_string(),
             ))
@@ -2682,7 +3042,7 @@ fn publish_over_http(name: &str, body: &[u8], shared: &Shared) -> Result<RestRep
         None => uuid::Uuid::new_v4().to_string(),
         Some(id) => required_message_id(Some(id), "id").map_err(RestError::BadRequest)?,
     };
-    let seq = publish(&shared.broker, name, &id, payload, &timestamp())
+    let seq = publish(shared, name, &id, payload, &timestamp())
         .map_err(|error| RestError::from_broker(error, name))?;
     let published = Published {
         status: "published",
@@ -2690,7 +3050,10 @@ fn publish_over_http(name: &str, body: &[u8], shared: &Shared) -> Result<RestRep
         id: &id,
         seq,
     };
-    Ok((201, serde_json::to_string(&published).unwrap_or_default()))
+    Ok(RestReply::json(
+        201,
+        serde_json::to_string(&published).unwrap_or_default(),
+    ))
 }
 
 /// `GET /topics/{name}/messages?last_n=N` or `?since_seq=N`: the ring's events, oldest first;
@@ -2770,7 +3133,10 @@ fn history(name: &str, query: &str, shared: &Shared) -> Result<RestReply, RestEr
         seq: history.last_seq,
         messages,
     };
-    Ok((200, serde_json::to_string(&reply).unwrap_or_default()))
+    Ok(RestReply::json(
+        200,
+        serde_json::to_string(&reply).unwrap_or_default(),
+    ))
 }
 
 fn delete_topic(name: &str, shared: &Shared) -> Result<RestReply, RestError> {
@@ -2783,12 +3149,169 @@ fn delete_topic(name: &str, shared: &Shared) -> Result<RestReply, RestError> {
     match shared.broker.delete_topic(name, notice) {
         Ok(()) => {
             log::info!("topic {name:?} deleted");
-            Ok((
+            Ok(RestReply::json(
                 200,
                 serde_json::json!({"status": "deleted", "topic": name}).to_string(),
             ))
         }
         Err(_) => Err(RestError::TopicNotFound(name.to_string())),
+    }
+}
+
+/// `GET /metrics`: the Prometheus text exposition format.
+fn metrics(shared: &Shared) -> RestReply {
+    let broker = shared.broker.snapshot(MAX_TOPIC_SERIES);
+    let (open, websockets) = shared.connections.counts();
+    let metrics = &shared.metrics;
+    let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+    let topic = |t: &broker::TopicStats| format!("topic=\"{}\"", t.name);
+    let mut out = String::new();
+    let mut family = |name: &str, kind: &str, help: &str, samples: Vec<(String, u64)>| {
+        // Writing to a String cannot fail.
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, value) in samples {
+            let labels = if labels.is_empty() {
+                labels
+            } else {
+                format!("{{{labels}}}")
+            };
+            let _ = writeln!(out, "{name}{labels} {value}");
+        }
+    };
+    let one = |value: u64| vec![(String::new(), value)];
+    let per_topic = |value: fn(&broker::TopicStats) -> u64| {
+        broker
+            .first_topics
+            .iter()
+            .map(|t| (topic(t), value(t)))
+            .collect::<Vec<_>>()
+    };
+
+    let uptime = shared.started.elapsed().as_secs();
+    family(
+        "pubsub_uptime_seconds",
+        "gauge",
+        "Seconds since the server started.",
+        one(uptime),
+    );
+    let by_kind = vec![
+        ("kind=\"websocket\"".to_string(), websockets as u64),
+        ("kind=\"http\"".to_string(), (open - websockets) as u64),
+    ];
+    family(
+        "pubsub_connections_open",
+        "gauge",
+        "Open client connections, by kind.",
+        by_kind,
+    );
+    let refused = load(&shared.refusals.total);
+    family(
+        "pubsub_connections_refused_total",
+        "counter",
+        "Connections refused at MAX_CONNECTIONS or without a thread.",
+        one(refused),
+    );
+    family(
+        "pubsub_topics",
+        "gauge",
+        "Topics.",
+        one(broker.topics as u64),
+    );
+    family(
+        "pubsub_subscriptions",
+        "gauge",
+        "Active subscriptions.",
+        one(broker.subscriptions as u64),
+    );
+    family(
+        "pubsub_messages_published_total",
+        "counter",
+        "Messages published.",
+        one(broker.published),
+    );
+    family(
+        "pubsub_events_delivered_total",
+        "counter",
+        "Events queued for subscribers.",
+        one(broker.delivered),
+    );
+    let omitted = (broker.topics - broker.first_topics.len()) as u64;
+    family(
+        "pubsub_metrics_topics_omitted",
+        "gauge",
+        "Topics beyond the first 100 by name, not shown one by one.",
+        one(omitted),
+    );
+    family(
+        "pubsub_topic_subscriptions",
+        "gauge",
+        "Active subscriptions per topic.",
+        per_topic(|t| t.subscribers as u64),
+    );
+    family(
+        "pubsub_topic_messages_published_total",
+        "counter",
+        "Messages published per topic.",
+        per_topic(|t| t.messages),
+    );
+    family(
+        "pubsub_topic_events_delivered_total",
+        "counter",
+        "Events queued for subscribers per topic.",
+        per_topic(|t| t.delivered),
+    );
+    let cuts = load(&metrics.slow_consumer_cuts);
+    family(
+        "pubsub_slow_consumer_disconnects_total",
+        "counter",
+        "Connections cut because their queue was full.",
+        one(cuts),
+    );
+    let reaps = load(&metrics.heartbeat_reaps);
+    family(
+        "pubsub_heartbeat_reaps_total",
+        "counter",
+        "Connections dropped after two silent heartbeat intervals.",
+        one(reaps),
+    );
+    let requests = metrics
+        .rest_requests
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
+    let requests = requests
+        .into_iter()
+        .map(|((route, status), n)| (format!("route=\"{route}\",status=\"{status}\""), n))
+        .collect();
+    family(
+        "pubsub_rest_requests_total",
+        "counter",
+        "REST requests answered, by route and status.",
+        requests,
+    );
+
+    // Buckets are cumulative in the exposition format.
+    let histogram = &metrics.publish_to_write;
+    let counts: Vec<u64> = histogram.counts.iter().map(load).collect();
+    let bounds = LATENCY_BUCKETS_US
+        .iter()
+        .map(|&us| format!("le=\"{}\"", us as f64 / 1e6))
+        .chain(["le=\"+Inf\"".into()]);
+    let cumulative = counts.iter().scan(0, |total, n| {
+        *total += n;
+        Some(*total)
+    });
+    let name = "pubsub_publish_to_write_seconds";
+    let _ = writeln!(out, "# HELP {name} Time from accepting a publish to writing its event to a subscriber's socket.");
+    let _ = writeln!(out, "# TYPE {name} histogram");
+    for (bound, count) in bounds.zip(cumulative) {
+        let _ = writeln!(out, "{name}_bucket{{{bound}}} {count}");
+    }
+    let _ = writeln!(out, "{name}_sum {}", load(&histogram.sum_us) as f64 / 1e6);
+    let _ = writeln!(out, "{name}_count {}", counts.iter().sum::<u64>());
+    RestReply {
+        content_type: PROMETHEUS_TEXT,
+        ..RestReply::json(200, out)
     }
 }
 
@@ -2805,7 +3328,7 @@ fn health(shared: &Shared) -> RestReply {
         topics,
         subscribers,
     };
-    (200, serde_json::to_string(&health).unwrap_or_default())
+    RestReply::json(200, serde_json::to_string(&health).unwrap_or_default())
 }
 
 fn stats(shared: &Shared) -> RestReply {
@@ -2820,7 +3343,7 @@ fn stats(shared: &Shared) -> RestReply {
             )
         })
         .collect();
-    (200, serde_json::json!({ "topics": topics }).to_string())
+    RestReply::json(200, serde_json::json!({ "topics": topics }).to_string())
 }
 
 /// A topic's epoch: 16 random hexadecimal digits, new for every topic created.
@@ -2830,9 +3353,10 @@ fn new_epoch() -> String {
     epoch
 }
 
-/// The address a self-connect uses to wake the acceptor: the bound one, with an unspecified IP
-/// (`0.0.0.0`, `::`) replaced by loopback.
-fn wake_addr(bound: SocketAddr) -> SocketAddr {
+/// The address to reach the server from this machine (a self-connect to wake the acceptor,
+/// the health check): the bound one, with an unspecified IP (`0.0.0.0`, `::`) replaced by
+/// loopback.
+fn loopback_for(bound: SocketAddr) -> SocketAddr {
     let ip = match bound.ip() {
         IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
         IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
@@ -2853,6 +3377,190 @@ fn signal_name(signal: i32) -> &'static str {
 fn join_quietly<T>(handle: JoinHandle<T>) {
     let _ = handle.join();
 }
+
+/// The live console served at `GET /` (unless `CONSOLE=off`): one self-contained page, no
+/// external resources, that lists topics with their counts, creates and deletes them,
+/// subscribes with `last_n`, publishes JSON and shows events as they arrive with `seq` and
+/// `ts`. It talks to this server's own REST API and `/ws`, with the API key typed into it.
+const CONSOLE_HTML: &str = r##"<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>pubsub-backend console</title>
+<style>
+  :root { --bg:#f6f7f9; --card:#fff; --ink:#1d2330; --muted:#6b7385; --line:#dde1e8; --accent:#2f6fed; --bad:#c62f3b; --good:#1f8a4c; }
+  * { box-sizing: border-box; }
+  body { margin:0; font:14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; background:var(--bg); color:var(--ink); }
+  header { display:flex; gap:16px; align-items:center; padding:12px 20px; background:var(--ink); color:#fff; }
+  header h1 { font-size:16px; margin:0; font-weight:600; }
+  header .spacer { flex:1; }
+  header input { width:220px; }
+  main { display:grid; grid-template-columns: minmax(320px, 1fr) minmax(360px, 1.3fr); gap:16px; padding:16px 20px; }
+  section { background:var(--card); border:1px solid var(--line); border-radius:8px; padding:14px 16px; }
+  h2 { font-size:13px; text-transform:uppercase; letter-spacing:.05em; color:var(--muted); margin:0 0 10px; }
+  form { display:flex; gap:8px; flex-wrap:wrap; margin:0 0 12px; }
+  input, textarea { font:inherit; padding:6px 8px; border:1px solid var(--line); border-radius:6px; }
+  textarea { width:100%; min-height:70px; font-family:ui-monospace, Menlo, monospace; font-size:12px; }
+  button { font:inherit; padding:6px 12px; border:0; border-radius:6px; background:var(--accent); color:#fff; cursor:pointer; }
+  button.link { background:none; color:var(--bad); padding:2px 6px; }
+  table { width:100%; border-collapse:collapse; }
+  th, td { text-align:left; padding:5px 6px; border-bottom:1px solid var(--line); }
+  th { color:var(--muted); font-weight:500; font-size:12px; }
+  td.num { text-align:right; font-variant-numeric: tabular-nums; }
+  #events { list-style:none; margin:0; padding:0; max-height:420px; overflow:auto; }
+  #events li { border-bottom:1px solid var(--line); padding:6px 2px; }
+  #events .meta { color:var(--muted); font-size:12px; }
+  #events pre { margin:2px 0 0; white-space:pre-wrap; word-break:break-all; font-size:12px; }
+  #log { font:12px ui-monospace, Menlo, monospace; color:var(--muted); max-height:140px; overflow:auto; white-space:pre-wrap; margin:8px 0 0; }
+  .status { font-size:12px; padding:2px 8px; border-radius:10px; background:#555; }
+  .status.open { background:var(--good); }
+  .status.closed { background:var(--bad); }
+</style>
+</head>
+<body>
+<header>
+  <h1>pubsub-backend console</h1>
+  <span class="spacer"></span>
+  <label>API key <input id="api-key" type="password" placeholder="only if API_KEY is set" autocomplete="off"></label>
+  <span id="ws-status" class="status">WebSocket: not connected</span>
+</header>
+<main>
+  <div>
+    <section>
+      <h2>Topics</h2>
+      <form id="create-form"><input id="topic-name" placeholder="new topic, e.g. orders" required><button id="create-topic">Create</button></form>
+      <table><thead><tr><th>Name</th><th class="num">Subscribers</th><th class="num">Messages</th><th></th></tr></thead><tbody id="topics"></tbody></table>
+    </section>
+    <section style="margin-top:16px">
+      <h2>Publish</h2>
+      <form id="publish-form">
+        <input id="pub-topic" placeholder="topic" required>
+        <textarea id="pub-payload">{"hello": "world"}</textarea>
+        <button id="publish">Publish</button>
+      </form>
+      <div id="log"></div>
+    </section>
+  </div>
+  <section>
+    <h2>Subscribe</h2>
+    <form id="subscribe-form">
+      <input id="sub-topic" placeholder="topic" required>
+      <input id="sub-last-n" type="number" min="0" value="10" style="width:90px" title="last_n: events to replay">
+      <button id="subscribe">Subscribe</button>
+    </form>
+    <ul id="events"></ul>
+  </section>
+</main>
+<script>
+"use strict";
+const $ = (id) => document.getElementById(id);
+const keyInput = $("api-key");
+keyInput.value = localStorage.getItem("pubsub-api-key") || "";
+keyInput.addEventListener("change", () => { localStorage.setItem("pubsub-api-key", keyInput.value); reconnect(); refresh(); });
+const apiKey = () => keyInput.value.trim();
+
+function log(line) {
+  const el = $("log");
+  el.textContent = new Date().toISOString().slice(11, 23) + "  " + line + "\n" + el.textContent.slice(0, 8000);
+}
+
+async function api(method, path, body) {
+  const headers = { "Content-Type": "application/json" };
+  if (apiKey()) headers["X-API-Key"] = apiKey();
+  const response = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+  const data = await response.json().catch(() => ({}));
+  if (!response.ok) throw new Error(response.status + " " + ((data.error && data.error.message) || response.statusText));
+  return data;
+}
+
+function uuid() {
+  if (crypto.randomUUID) return crypto.randomUUID();
+  const b = crypto.getRandomValues(new Uint8Array(16));
+  b[6] = (b[6] & 0x0f) | 0x40; b[8] = (b[8] & 0x3f) | 0x80;
+  const h = Array.from(b, (x) => x.toString(16).padStart(2, "0")).join("");
+  return `${h.slice(0, 8)}-${h.slice(8, 12)}-${h.slice(12, 16)}-${h.slice(16, 20)}-${h.slice(20)}`;
+}
+
+async function refresh() {
+  try {
+    const stats = (await api("GET", "/stats")).topics;
+    const rows = Object.keys(stats).sort().map((name) => {
+      const t = stats[name];
+      const tr = document.createElement("tr");
+      tr.dataset.topic = name;
+      tr.innerHTML = `<td></td><td class="num">${t.subscribers}</td><td class="num">${t.messages}</td><td><button class="link" title="delete">delete</button></td>`;
+      tr.firstChild.textContent = name;
+      tr.querySelector("button").onclick = async () => {
+        try { await api("DELETE", "/topics/" + encodeURIComponent(name)); log("deleted " + name); refresh(); } catch (e) { log("delete failed: " + e.message); }
+      };
+      return tr;
+    });
+    $("topics").replaceChildren(...rows);
+  } catch (e) { log("could not list topics: " + e.message); }
+}
+
+let ws = null;
+const pending = [];
+function connect() {
+  const url = new URL("/ws", location.href);
+  url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
+  if (apiKey()) url.searchParams.set("api_key", apiKey());
+  ws = new WebSocket(url);
+  const status = $("ws-status");
+  ws.onopen = () => { status.textContent = "WebSocket: open"; status.className = "status open"; pending.splice(0).forEach((m) => ws.send(m)); };
+  ws.onclose = (e) => { status.textContent = "WebSocket: closed (" + e.code + ")"; status.className = "status closed"; };
+  ws.onmessage = (e) => show(JSON.parse(e.data));
+}
+function reconnect() { if (ws) ws.close(); ws = null; }
+function send(message) {
+  const text = JSON.stringify(message);
+  if (!ws || ws.readyState > 1) connect();
+  if (ws.readyState === 1) ws.send(text); else pending.push(text);
+}
+
+function show(m) {
+  if (m.type === "event") {
+    const li = document.createElement("li");
+    li.innerHTML = `<div class="meta"></div><pre></pre>`;
+    li.querySelector(".meta").textContent = `${m.topic}  seq ${m.seq}  ${m.ts}  id ${m.message.id}`;
+    li.querySelector("pre").textContent = JSON.stringify(m.message.payload);
+    $("events").prepend(li);
+    refresh();
+  } else if (m.type === "ack") {
+    log(`ack ${m.request_id || ""} ${m.topic}` + (m.seq !== undefined ? ` seq ${m.seq}` : "") + (m.epoch ? ` epoch ${m.epoch}` : ""));
+  } else if (m.type === "error") {
+    log(`error ${m.error.code}: ${m.error.message}`);
+  } else if (m.type === "info") {
+    log(`info ${m.msg}` + (m.topic ? " " + m.topic : ""));
+    if (m.msg === "topic_deleted") refresh();
+  }
+}
+
+$("create-form").onsubmit = async (e) => {
+  e.preventDefault();
+  const name = $("topic-name").value.trim();
+  try { await api("POST", "/topics", { name }); log("created " + name); $("topic-name").value = ""; refresh(); }
+  catch (err) { log("create failed: " + err.message); }
+};
+$("subscribe-form").onsubmit = (e) => {
+  e.preventDefault();
+  const lastN = parseInt($("sub-last-n").value || "0", 10);
+  send({ type: "subscribe", topic: $("sub-topic").value.trim(), client_id: "console", last_n: lastN, request_id: "sub-" + Date.now() });
+};
+$("publish-form").onsubmit = (e) => {
+  e.preventDefault();
+  let payload;
+  try { payload = JSON.parse($("pub-payload").value); } catch (err) { log("payload is not JSON: " + err.message); return; }
+  send({ type: "publish", topic: $("pub-topic").value.trim(), message: { id: uuid(), payload }, request_id: "pub-" + Date.now() });
+};
+
+refresh();
+setInterval(refresh, 3000);
+</script>
+</body>
+</html>
+"##;
 
 #[cfg(test)]
 mod tests {
@@ -3091,7 +3799,7 @@ mod tests {
     }
 
     fn publish(broker: &Broker, topic: &str, name: &str) -> Result<u64, BrokerError> {
-        broker.publish(topic, &unfinished(name))
+        broker.publish(topic, &unfinished(name), 0)
     }
 
     fn subscribe(broker: &Broker, replay: Replay) -> Result<(), BrokerError> {
@@ -3101,7 +3809,7 @@ mod tests {
     /// The next queued item's frames, or what else it is.
     fn next(rx: &Receiver<Outgoing>) -> Vec<String> {
         match rx.try_recv() {
-            Ok(Outgoing::Text(frame)) => vec![frame.to_string()],
+            Ok(Outgoing::Text(frame) | Outgoing::Event(frame, _)) => vec![frame.to_string()],
             Ok(Outgoing::Batch(frames)) => frames.iter().map(|f| f.to_string()).collect(),
             other => vec![format!("{other:?}")],
         }

@@ -208,7 +208,7 @@ fn an_unknown_route_is_404() {
     let server = Server::start();
     create_topic(server.addr, "orders");
     let unknown = [
-        ("GET", "/"),
+        ("GET", "/index.html"),
         ("GET", "/nope"),
         ("GET", "/topic"),
         ("GET", "/healthz"),
