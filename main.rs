@@ -2750,7 +2750,9 @@ impl RestError {
         match self {
             RestError::BadRequest(message) | RestError::Internal(message) => message.clone(),
             RestError::ShuttingDown => "the server is shutting down".to_string(),
-            RestError::Unauthorized => "missing or wrong X-API-Key header".to_string(),
+            RestError::Unauthorized => {
+                "missing or wrong API key (X-API-Key header or Authorization: Bearer)".to_string()
+            }
             RestError::NotFound => "no such route: see README.md for the REST API".to_string(),
             RestError::TopicNotFound(name) => format!("topic {name:?} does not exist"),
             RestError::TopicExists(name) => format!("topic {name:?} already exists"),
@@ -2904,12 +2906,19 @@ fn route_rest(request: &mut tiny_http::Request, shared: &Shared) -> Result<RestR
     let open_to_all =
         method == Method::Get && matches!(route, RestRoute::Health | RestRoute::Console);
     if let Some(expected) = shared.config.api_key.as_deref() {
-        let given = request
-            .headers()
-            .iter()
-            .find(|h| h.field.equiv("X-API-Key"))
-            .map(|h| h.value.as_bytes());
-        if !open_to_all && !given.is_some_and(|given| keys_match(expected, given)) {
+        // `X-API-Key: KEY`, or `Authorization: Bearer KEY` as Prometheus and most HTTP clients
+        // send credentials.
+        let given = request.headers().iter().find_map(|h| {
+            let value = h.value.as_str();
+            if h.field.equiv("X-API-Key") {
+                Some(value)
+            } else if h.field.equiv("Authorization") {
+                value.strip_prefix("Bearer ")
+            } else {
+                None
+            }
+        });
+        if !open_to_all && !given.is_some_and(|given| keys_match(expected, given.as_bytes())) {
             return Err(RestError::Unauthorized);
         }
     }
