@@ -13,7 +13,10 @@ use crate::ws_client::{assert_ack, assert_timestamp, publish_request, seq, WsCli
 
 /// A server with the given topics.
 fn server_with_topics(topics: &[&str]) -> Server {
-    let server = Server::start();
+    // A roomy queue: these tests read one subscriber after another, and on a loaded machine
+    // a writer may not get the CPU in time to move 100 events to its socket. Backpressure has
+    // its own tests.
+    let server = Server::start_with(&[("QUEUE_SIZE", "10000")]);
     for topic in topics {
         create_topic(server.addr, topic);
     }

@@ -1,0 +1,625 @@
+#!/usr/bin/env bash
+# The project's one test command: ./test.sh
+#
+#   1. cargo test                      (the whole Rust suite; its totals are counted)
+#   2. cargo build --release, start the binary on a free loopback port and
+#      smoke-test it with curl and wscat (every REST endpoint, subscribe,
+#      publish -> event, unsubscribe, ping/pong, an error, SIGTERM)
+#   3. docker-compose config           (when docker-compose is installed)
+#   4. Docker (when an engine answers): an image from the Dockerfile's final
+#      stage around a musl binary built here; the same smoke test against it;
+#      image metadata and size; `docker stop` timing and exit code
+#
+# Every check prints `ok - NAME` or `not ok - NAME: DETAIL`; the last line is
+# `N passed, M failed` and the exit status is non-zero when M > 0. Logs of the
+# builds, the server and the container stay in target/test-sh/ for a look
+# after a failure.
+#
+# Needs: cargo, curl, node + wscat (installed with npm when missing), and for
+# the Docker part a running engine plus the x86_64-unknown-linux-musl target.
+# .ci/run installs all of that on a fresh Debian machine.
+
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")"
+
+# ---- settings ---------------------------------------------------------------
+
+TARGET_DIR=${CARGO_TARGET_DIR:-target}
+LOG_DIR=$TARGET_DIR/test-sh
+MUSL_TARGET=x86_64-unknown-linux-musl
+BIN_NAME=pubsub-backend
+
+# Deadlines, in seconds. Nothing here sleeps for a fixed time: every wait
+# polls for its condition and gives up at its deadline.
+START_DEADLINE=20   # server start-up until the "listening on" line
+REPLY_DEADLINE=10   # one WebSocket reply
+EXIT_DEADLINE=15    # process exit after SIGTERM (the verdict uses STOP_BOUND)
+# A hung test must not hang CI: the whole suite, build included, normally
+# takes one to two minutes on a cold 2-core machine.
+CARGO_TEST_TIMEOUT=300
+
+# The server flushes queues for at most SHUTDOWN_GRACE_SEC on shutdown. The
+# stop checks below run with nothing queued, so a correct server needs no
+# flushing at all and exits at once; 3 s is "well within" the 5 s grace and
+# still leaves room for docker's own bookkeeping on a busy 2-core machine. A
+# server that ignored SIGTERM (easy to do as PID 1) would instead hit docker's
+# kill timeout (DOCKER_STOP_TIMEOUT) and be SIGKILLed with exit code 137.
+SHUTDOWN_GRACE_SEC=5
+STOP_BOUND=3
+DOCKER_STOP_TIMEOUT=10
+
+# A scratch image holds the static binary and nothing else; a few MiB is
+# expected, so anything beyond this means something else slipped in.
+IMAGE_MAX_BYTES=$((20 * 1024 * 1024))
+
+IMAGE_TAG=$BIN_NAME:test-sh-$$
+CONTAINER=$BIN_NAME-test-sh-$$
+
+# ---- bookkeeping ------------------------------------------------------------
+
+PASSED=0
+FAILED=0
+TMP=$(mktemp -d "${TMPDIR:-/tmp}/pubsub-test.XXXXXX")
+SERVER_PID=""
+CONTAINER_STARTED=""
+IMAGE_BUILT=""
+declare -A WS_PID=() WS_FD=()
+
+pass() { PASSED=$((PASSED + 1)); echo "ok - $1"; }
+# fail NAME DETAIL: a DETAIL of several lines (a build log's tail) goes on
+# "#   " lines under the verdict, so that every line keeps its meaning.
+fail() {
+  FAILED=$((FAILED + 1))
+  echo "not ok - $1: ${2%%$'\n'*}"
+  local line
+  if [[ $2 == *$'\n'* ]]; then
+    while IFS= read -r line; do echo "#   $line"; done <<<"${2#*$'\n'}"
+  fi
+}
+skip() { echo "SKIP $1"; }
+note() { echo "# $*"; }
+
+# check NAME DETAIL CMD...: run CMD; pass or fail NAME with DETAIL on failure.
+check() {
+  local name=$1 detail=$2
+  shift 2
+  if "$@"; then pass "$name"; else fail "$name" "$detail"; fi
+}
+
+# Stop whatever this run started, on any exit (success, failure, Ctrl-C).
+cleanup() {
+  local name
+  for name in "${!WS_PID[@]}"; do kill "${WS_PID[$name]}" 2>/dev/null || true; done
+  if [[ -n $SERVER_PID ]]; then kill -KILL "$SERVER_PID" 2>/dev/null || true; fi
+  if [[ -n $CONTAINER_STARTED ]]; then docker rm -f "$CONTAINER" >/dev/null 2>&1 || true; fi
+  if [[ -n $IMAGE_BUILT ]]; then docker rmi -f "$IMAGE_TAG" >/dev/null 2>&1 || true; fi
+  rm -rf "$TMP"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+now() { date +%s.%N; }
+elapsed_since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.2f", b - a }'; }
+less_than() { awk -v a="$1" -v b="$2" 'BEGIN { exit !(a < b) }'; }
+
+# wait_until SECONDS CMD...: poll CMD every 0.1 s until it succeeds or time is up.
+wait_until() {
+  local deadline
+  deadline=$(awk -v t="$(now)" -v d="$1" 'BEGIN { printf "%.3f", t + d }')
+  shift
+  until "$@"; do
+    less_than "$(now)" "$deadline" || return 1
+    sleep 0.1
+  done
+}
+
+# ---- JSON matching ----------------------------------------------------------
+
+# json_count FILE PATH=VALUE...: how many JSON objects in FILE have every
+# PATH (dotted, e.g. error.code) equal to VALUE (objects compare as their JSON
+# text; VALUE * matches any value that is present). FILE is either one JSON
+# document (a REST body) or one per line (wscat's output). Node does the
+# parsing because it is here anyway: wscat runs on it.
+JSON_COUNT_JS='
+const fs = require("fs");
+const [file, ...conds] = process.argv.slice(1);
+let text = "";
+try { text = fs.readFileSync(file, "utf8"); } catch (e) { console.log(0); process.exit(0); }
+let docs;
+try { docs = [JSON.parse(text)]; } catch (e) {
+  // wscat also writes its "> " input prompt to stdout, in front of a
+  // message line: parse each line from its first "{".
+  docs = text.split("\n").map(l => { try { return JSON.parse(l.slice(l.indexOf("{"))); } catch (e) { return undefined; } });
+}
+const get = (o, p) => p.split(".").reduce((v, k) => (v == null ? undefined : v[k]), o);
+const show = v => (v !== null && typeof v === "object" ? JSON.stringify(v) : String(v));
+const ok = o => o !== null && typeof o === "object" && conds.every(c => {
+  const i = c.indexOf("=");
+  const v = get(o, c.slice(0, i));
+  const want = c.slice(i + 1);
+  return v !== undefined && (want === "*" || show(v) === want);
+});
+console.log(docs.filter(ok).length);
+'
+json_count() { node -e "$JSON_COUNT_JS" "$@"; }
+json_has() { [[ $(json_count "$@") -ge 1 ]]; }
+
+# ---- HTTP -------------------------------------------------------------------
+
+BASE=""          # http://127.0.0.1:PORT of the server under test
+HTTP_STATUS=""
+
+# http METHOD PATH [BODY]: one request; status in HTTP_STATUS, body in
+# $TMP/body, headers in $TMP/headers.
+http() {
+  local args=(-sS -X "$1" -o "$TMP/body" -D "$TMP/headers" -w '%{http_code}' --max-time 5)
+  if [[ $# -ge 3 ]]; then args+=(-H 'Content-Type: application/json' --data-binary "$3"); fi
+  HTTP_STATUS=$(curl "${args[@]}" "$BASE$2" 2>"$TMP/curl.err") || HTTP_STATUS="curl failed: $(tr '\n' ' ' <"$TMP/curl.err")"
+}
+
+header_has() { grep -qiE "^$1:[[:space:]]*$2" "$TMP/headers"; }
+
+# expect_http NAME STATUS [PATH=VALUE...]: judge the last http call: status,
+# Content-Type: application/json (every response has it), body fields.
+expect_http() {
+  local name=$1 status=$2
+  shift 2
+  if [[ $HTTP_STATUS != "$status" ]]; then
+    fail "$name" "expected $status, got $HTTP_STATUS, body: $(head -c 300 "$TMP/body" 2>/dev/null)"
+  elif ! header_has Content-Type 'application/json'; then
+    fail "$name" "no 'Content-Type: application/json' header"
+  elif [[ $# -gt 0 ]] && ! json_has "$TMP/body" "$@"; then
+    fail "$name" "body lacks $*: $(head -c 300 "$TMP/body")"
+  else
+    pass "$name"
+  fi
+}
+
+# ---- WebSocket sessions with wscat ------------------------------------------
+#
+# A session is a wscat process whose stdin is a fifo that this script keeps
+# open (so it never sees EOF, which would make wscat quit) and whose stdout
+# (one received message per line when stdout is not a terminal) goes to
+# $TMP/NAME.out. wscat drops lines typed before the connection is open and
+# prints nothing when it opens, so ws_open pings until the pong arrives.
+
+# ws_open NAME: connect a session to $BASE's /ws.
+ws_open() {
+  local name=$1 fd
+  mkfifo "$TMP/$name.in"
+  : >"$TMP/$name.out"
+  # timeout: a hard upper bound, should the trap ever miss this process.
+  timeout 300 wscat --no-color -c "${BASE/http:/ws:}/ws" \
+    <"$TMP/$name.in" >"$TMP/$name.out" 2>"$TMP/$name.err" &
+  WS_PID[$name]=$!
+  exec {fd}<>"$TMP/$name.in"    # read-write: opening never blocks
+  WS_FD[$name]=$fd
+  wait_until "$REPLY_DEADLINE" ws_ready "$name"
+}
+
+ws_ready() {
+  kill -0 "${WS_PID[$1]}" 2>/dev/null || return 2
+  ws_send "$1" "{\"type\":\"ping\",\"request_id\":\"ready-$1\"}"
+  sleep 0.1
+  json_has "$TMP/$1.out" type=pong "request_id=ready-$1"
+}
+
+# ws_send NAME JSON: send one text frame.
+ws_send() { printf '%s\n' "$2" >&"${WS_FD[$1]}"; }
+
+# ws_expect NAME PATH=VALUE...: wait until the session received a matching message.
+ws_expect() {
+  local name=$1
+  shift
+  wait_until "$REPLY_DEADLINE" json_has "$TMP/$name.out" "$@"
+}
+
+ws_close() {
+  [[ -n ${WS_PID[$1]:-} ]] || return 0
+  local fd=${WS_FD[$1]}
+  kill "${WS_PID[$1]}" 2>/dev/null || true
+  wait "${WS_PID[$1]}" 2>/dev/null || true
+  exec {fd}>&-
+  unset "WS_PID[$1]" "WS_FD[$1]"
+}
+
+# ws_tail NAME: the last messages and any wscat error, on one line.
+ws_tail() { tail -c 300 "$TMP/$1.out" | tr '\n' ' '; tr '\n' ' ' <"$TMP/$1.err" 2>/dev/null || true; }
+
+# ws_check NAME SESSION PATH=VALUE...: a check that waits for a message.
+ws_check() {
+  local name=$1 session=$2
+  shift 2
+  if ws_expect "$session" "$@"; then pass "$name"; else fail "$name" "no message with $* within ${REPLY_DEADLINE}s; got: $(ws_tail "$session")"; fi
+}
+
+# ---- tools ------------------------------------------------------------------
+
+ensure_wscat() {
+  command -v wscat >/dev/null && return 0
+  note "wscat missing: npm install -g wscat"
+  npm install -g wscat >"$LOG_DIR/npm-wscat.log" 2>&1 && command -v wscat >/dev/null
+}
+
+# ---- 1. cargo test ----------------------------------------------------------
+
+# The suite's own totals count: each Rust test is one passed or failed check.
+# A build failure or a time-out, which leave no complete totals, counts as
+# one more failure.
+step_cargo_test() {
+  local log=$LOG_DIR/cargo-test.log rc=0 passed failed ignored totals
+  note "cargo test (log: $log)"
+  # timeout kills cargo's whole process group, test binaries included.
+  timeout -k 10 "$CARGO_TEST_TIMEOUT" cargo test --no-fail-fast </dev/null >"$log" 2>&1 || rc=$?
+  read -r passed failed ignored < <(awk '
+    /^test result:/ { for (i = 1; i <= NF; i++) {
+      if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i; if ($(i+1) ~ /^ignored/) g += $i } }
+    END { print p + 0, f + 0, g + 0 }' "$log")
+  totals="$passed passed, $failed failed, $ignored ignored"
+  PASSED=$((PASSED + passed))
+  FAILED=$((FAILED + failed))
+  if [[ $rc -eq 0 ]]; then
+    echo "ok - cargo test: $totals"
+    return 0
+  fi
+  if [[ $rc -eq 124 || $rc -eq 137 ]]; then
+    fail "cargo test" "timed out after ${CARGO_TEST_TIMEOUT}s ($totals before that)"
+  elif [[ $failed -gt 0 ]]; then
+    echo "not ok - cargo test: $totals; failing:"
+    grep -E '^test .* FAILED$' "$log" | sed 's/^/#   /' || true
+  else
+    fail "cargo test" "exit code $rc with no failed test counted (a build error?)"
+  fi
+  print_cargo_failures "$log"
+}
+
+# print_cargo_failures LOG: the failures section (each failing test's output,
+# without stack backtraces, long lines cut) or, when there is none (a build
+# error), the end of the log. The whole story stays in LOG.
+print_cargo_failures() {
+  note "from $1:"
+  if grep -qx 'failures:' "$1"; then
+    awk '
+      /^failures:$/ { f = 1 }
+      /^stack backtrace:/ { skip = 1; print "(stack backtrace omitted)"; next }
+      /^---- |^failures:$/ { skip = 0 }
+      f && !skip' "$1" | cut -c 1-400 | head -n 120 | sed 's/^/#   /'
+  else
+    tail -n 40 "$1" | sed 's/^/#   /'
+  fi
+}
+
+# ---- 2. the release binary on loopback --------------------------------------
+
+# The server under test runs with a clean environment, so that settings in
+# the caller's shell (API_KEY, RING_SIZE, ...) cannot change the outcome.
+# `exec`: run in the background, this function is a subshell, and $! must be
+# the server itself, or SIGTERM would hit the subshell and orphan the server.
+server_env() {
+  exec env -i PATH="$PATH" RUST_BACKTRACE=1 LOG_LEVEL=INFO SHUTDOWN_GRACE_SEC="$SHUTDOWN_GRACE_SEC" "$@"
+}
+
+# listening_port LOGFILE: the port of the start-up line
+# "... listening on 127.0.0.1:NNNNN ..." (PORT=0 lets the OS pick a free one).
+listening_port() {
+  grep -oE 'listening on [^ ]*:[0-9]+' "$1" 2>/dev/null | head -n 1 | grep -oE '[0-9]+$'
+}
+
+server_listening() {
+  kill -0 "$SERVER_PID" 2>/dev/null || return 2
+  [[ -n $(listening_port "$LOG_DIR/server.log") ]]
+}
+
+start_server() {
+  local bin=$TARGET_DIR/release/$BIN_NAME
+  server_env HOST=127.0.0.1 PORT=0 "$bin" </dev/null 2>"$LOG_DIR/server.log" >&2 &
+  SERVER_PID=$!
+  if wait_until "$START_DEADLINE" server_listening; then
+    BASE=http://127.0.0.1:$(listening_port "$LOG_DIR/server.log")
+    pass "server starts and logs its address ($BASE)"
+  else
+    fail "server starts" "no 'listening on 127.0.0.1:PORT' line within ${START_DEADLINE}s; log: $(tail -c 500 "$LOG_DIR/server.log")"
+    return 1
+  fi
+}
+
+# smoke LABEL SESSION: every REST endpoint and the WebSocket basics against
+# $BASE. LABEL prefixes the check names, SESSION the wscat session names.
+smoke() {
+  local p=$1 s=$2 topic="smoke-test:1" id sub_events pub_events
+  id=$(cat /proc/sys/kernel/random/uuid)
+
+  http POST /topics "{\"name\":\"$topic\"}"
+  expect_http "${p}POST /topics creates a topic (201)" 201 status=created "topic=$topic"
+  http POST /topics "{\"name\":\"$topic\"}"
+  expect_http "${p}POST /topics again is 409 TOPIC_EXISTS" 409 error.code=TOPIC_EXISTS
+  http POST /topics '{"name":"bad name!"}'
+  expect_http "${p}POST /topics with a bad name is 400 BAD_REQUEST" 400 error.code=BAD_REQUEST
+  http GET /topics
+  expect_http "${p}GET /topics lists the topic" 200 "topics.0.name=$topic" topics.0.subscribers=0
+  http GET /health
+  expect_http "${p}GET /health" 200 topics=1 subscribers=0
+  check "${p}GET /health uptime_sec is an integer" "body: $(cat "$TMP/body")" \
+    grep -qE '"uptime_sec": *[0-9]+[,}]' "$TMP/body"
+  http GET /no-such-route
+  expect_http "${p}unknown route is 404 NOT_FOUND" 404 error.code=NOT_FOUND
+  http PUT /topics '{}'
+  expect_http "${p}wrong method is 405 METHOD_NOT_ALLOWED" 405 error.code=METHOD_NOT_ALLOWED
+  check "${p}405 carries an Allow header naming GET and POST" "headers: $(tr '\r\n' '  ' <"$TMP/headers")" \
+    header_has Allow '(.*GET.*POST|.*POST.*GET)'
+
+  if ! ws_open "${s}sub"; then
+    fail "${p}WebSocket connects and answers a ping" "no pong within ${REPLY_DEADLINE}s; got: $(ws_tail "${s}sub")"
+    return 0
+  fi
+  ws_open "${s}pub" || true
+  ws_send "${s}sub" '{"type":"ping","request_id":"p1"}'
+  ws_check "${p}ws ping -> pong" "${s}sub" type=pong request_id=p1
+  ws_send "${s}sub" "{\"type\":\"subscribe\",\"topic\":\"$topic\",\"client_id\":\"smoke-sub\",\"request_id\":\"s1\"}"
+  ws_check "${p}ws subscribe -> ack" "${s}sub" type=ack request_id=s1 status=ok "topic=$topic"
+
+  ws_send "${s}pub" "{\"type\":\"publish\",\"topic\":\"$topic\",\"request_id\":\"m1\",\"message\":{\"id\":\"$id\",\"payload\":{\"n\":1,\"text\":\"hello\"}}}"
+  ws_check "${p}ws publish -> ack to the publisher" "${s}pub" type=ack request_id=m1 status=ok
+  ws_check "${p}ws publish -> event to the subscriber" "${s}sub" type=event "topic=$topic" \
+    "message.id=$id" 'message.payload={"n":1,"text":"hello"}'
+  sub_events=$(json_count "$TMP/${s}sub.out" type=event)
+  pub_events=$(json_count "$TMP/${s}pub.out" type=event)
+  check "${p}the event arrives once, and not at the (unsubscribed) publisher" \
+    "subscriber got $sub_events events, publisher $pub_events" \
+    test "$sub_events:$pub_events" = 1:0
+
+  http GET /stats
+  expect_http "${p}GET /stats counts the message and the subscriber" 200 \
+    "topics.$topic.messages=1" "topics.$topic.subscribers=1"
+
+  ws_send "${s}sub" "{\"type\":\"unsubscribe\",\"topic\":\"$topic\",\"client_id\":\"smoke-sub\",\"request_id\":\"u1\"}"
+  ws_check "${p}ws unsubscribe -> ack" "${s}sub" type=ack request_id=u1 status=ok
+  http GET /stats
+  expect_http "${p}GET /stats after unsubscribe" 200 "topics.$topic.subscribers=0"
+
+  ws_send "${s}pub" "{\"type\":\"publish\",\"topic\":\"no-such-topic\",\"request_id\":\"e1\",\"message\":{\"id\":\"$id\",\"payload\":1}}"
+  ws_check "${p}ws publish to a missing topic -> error TOPIC_NOT_FOUND" "${s}pub" \
+    type=error request_id=e1 error.code=TOPIC_NOT_FOUND
+  ws_close "${s}pub"
+  ws_close "${s}sub"
+
+  http DELETE "/topics/$topic"
+  expect_http "${p}DELETE /topics/{name} (200)" 200 status=deleted "topic=$topic"
+  http DELETE "/topics/$topic"
+  expect_http "${p}DELETE of an unknown topic is 404" 404 'error.code=*'
+}
+
+# watch_shutdown SESSION: leave a subscribed connection open, to see that a
+# stop tells it (info server_shutdown) before the process ends.
+watch_shutdown() {
+  http POST /topics '{"name":"shutdown-watch"}'
+  ws_open "$1watch" || return 0
+  ws_send "$1watch" '{"type":"subscribe","topic":"shutdown-watch","client_id":"watch","request_id":"w1"}'
+  ws_expect "$1watch" type=ack request_id=w1 || true
+}
+
+# check_shutdown_notice LABEL SESSION
+check_shutdown_notice() {
+  if [[ -z ${WS_PID[$2watch]:-} ]]; then
+    fail "$1an open WebSocket gets info server_shutdown" "the watching connection never opened"
+    return 0
+  fi
+  ws_check "$1an open WebSocket gets info server_shutdown" "$2watch" type=info msg=server_shutdown
+  ws_close "$2watch"
+}
+
+process_gone() { ! kill -0 "$1" 2>/dev/null; }
+
+# quick_clean_exit CODE SECONDS: exit code 0 and faster than STOP_BOUND.
+quick_clean_exit() { [[ $1 == 0 ]] && less_than "$2" "$STOP_BOUND"; }
+
+stop_server() {
+  local start took rc=0
+  start=$(now)
+  kill -TERM "$SERVER_PID"
+  if ! wait_until "$EXIT_DEADLINE" process_gone "$SERVER_PID"; then
+    fail "SIGTERM stops the server" "still running after ${EXIT_DEADLINE}s"
+    return 0
+  fi
+  took=$(elapsed_since "$start")
+  wait "$SERVER_PID" || rc=$?
+  SERVER_PID=""
+  check "SIGTERM: server exits 0 within ${STOP_BOUND}s (took ${took}s, exit $rc)" "took ${took}s, exit code $rc" \
+    quick_clean_exit "$rc" "$took"
+}
+
+step_release_smoke() {
+  note "cargo build --release (log: $LOG_DIR/build-release.log)"
+  if ! cargo build --release </dev/null >"$LOG_DIR/build-release.log" 2>&1; then
+    fail "cargo build --release" "see $LOG_DIR/build-release.log, its end:"$'\n'"$(tail -n 20 "$LOG_DIR/build-release.log")"
+    return 0
+  fi
+  pass "cargo build --release"
+  if ! command -v curl >/dev/null; then fail "curl" "not installed; smoke test not run"; return 0; fi
+  if ! ensure_wscat; then fail "wscat" "missing and npm install -g wscat failed; smoke test not run"; return 0; fi
+  start_server || return 0
+  smoke "" host-
+  watch_shutdown host-
+  stop_server
+  check_shutdown_notice "" host-
+}
+
+# ---- 3. docker-compose.yml --------------------------------------------------
+
+step_compose_config() {
+  if ! command -v docker-compose >/dev/null; then
+    skip "docker-compose config: docker-compose is not installed"
+    return 0
+  fi
+  check "docker-compose config accepts docker-compose.yml" \
+    "$(docker-compose -f docker-compose.yml config -q 2>&1 | tail -n 5 | tr '\n' ' ')" \
+    docker-compose -f docker-compose.yml config -q
+}
+
+# ---- 4. the Docker image ----------------------------------------------------
+
+# final_stage_dockerfile: the Dockerfile from its last FROM on, with the one
+# `COPY --from=... SRC DEST` replaced by `COPY pubsub-backend DEST`, so that
+# the final stage's own instructions wrap the binary built on this host (the
+# builder stage needs a Rust base image that cannot be pulled here).
+final_stage_dockerfile() {
+  awk -v bin="$BIN_NAME" '
+    { line[NR] = $0 }
+    toupper($1) == "FROM" { from = NR }
+    END {
+      for (i = from; i <= NR; i++) {
+        n = split(line[i], w, /[ \t]+/)
+        if (toupper(w[1]) == "COPY" && w[2] ~ /^--from=/) { print "COPY " bin " " w[n]; copies++ }
+        else print line[i]
+      }
+      if (copies != 1) { print "expected exactly one COPY --from= in the final stage, found " copies + 0 > "/dev/stderr"; exit 1 }
+    }' Dockerfile
+}
+
+build_test_image() {
+  local ctx=$TMP/docker-context bin=$TARGET_DIR/$MUSL_TARGET/release/$BIN_NAME
+  if ! rustup target list --installed 2>/dev/null | grep -qx "$MUSL_TARGET"; then
+    note "rustup target add $MUSL_TARGET"
+    rustup target add "$MUSL_TARGET" >"$LOG_DIR/rustup.log" 2>&1 || true
+  fi
+  note "cargo build --release --target $MUSL_TARGET (log: $LOG_DIR/build-musl.log)"
+  if ! cargo build --release --target "$MUSL_TARGET" </dev/null >"$LOG_DIR/build-musl.log" 2>&1; then
+    fail "static musl release build" "see $LOG_DIR/build-musl.log, its end:"$'\n'"$(tail -n 20 "$LOG_DIR/build-musl.log")"
+    return 1
+  fi
+  pass "static musl release build"
+
+  mkdir -p "$ctx"
+  cp "$bin" "$ctx/$BIN_NAME"
+  if ! final_stage_dockerfile >"$ctx/Dockerfile" 2>"$TMP/awk.err"; then
+    fail "Dockerfile final stage" "$(cat "$TMP/awk.err")"
+    return 1
+  fi
+  check "Dockerfile final stage is FROM scratch" "it starts with: $(head -n 1 "$ctx/Dockerfile")" \
+    grep -qiE '^[[:space:]]*FROM[[:space:]]+scratch([[:space:]]|$)' "$ctx/Dockerfile"
+  cp "$ctx/Dockerfile" "$LOG_DIR/Dockerfile.final-stage"
+
+  # The classic builder: BuildKit is not available on our machines.
+  if ! DOCKER_BUILDKIT=0 docker build -t "$IMAGE_TAG" "$ctx" >"$LOG_DIR/docker-build.log" 2>&1; then
+    fail "docker build of the final stage" "see $LOG_DIR/docker-build.log, its end:"$'\n'"$(tail -n 10 "$LOG_DIR/docker-build.log")"
+    return 1
+  fi
+  IMAGE_BUILT=1
+  pass "docker build of the final stage"
+}
+
+inspect_image() {
+  local fmt=$1
+  docker image inspect -f "$fmt" "$IMAGE_TAG"
+}
+
+user_not_root() { [[ -n $1 && ${1%%:*} != 0 && ${1%%:*} != root ]]; }
+
+# env_has "K=V K=V ..." K=V...: every K=V is one of the listed words.
+env_has() {
+  local have=" $1 " kv
+  shift
+  for kv in "$@"; do [[ $have == *" $kv "* ]] || return 1; done
+}
+
+check_image_metadata() {
+  local user env ports entrypoint size
+  user=$(inspect_image '{{.Config.User}}')
+  env=$(inspect_image '{{range .Config.Env}}{{.}} {{end}}')
+  ports=$(inspect_image '{{json .Config.ExposedPorts}}')
+  entrypoint=$(inspect_image '{{json .Config.Entrypoint}}')
+  size=$(inspect_image '{{.Size}}')
+  check "image runs as a non-root user ($user)" "Config.User is '$user'" user_not_root "$user"
+  check "image sets HOST=0.0.0.0 PORT=8000 RING_SIZE=100 QUEUE_SIZE=100 LOG_LEVEL=INFO" "Env is: $env" \
+    env_has "$env" HOST=0.0.0.0 PORT=8000 RING_SIZE=100 QUEUE_SIZE=100 LOG_LEVEL=INFO
+  check "image exposes 8000/tcp" "ExposedPorts: $ports" test "$ports" = '{"8000/tcp":{}}'
+  check "image entrypoint is the binary in exec form" "Entrypoint: $entrypoint" \
+    test "$entrypoint" = "[\"/$BIN_NAME\"]"
+  check "image size $(awk -v s="$size" 'BEGIN { printf "%.2f MiB", s / 1048576 }') is under $((IMAGE_MAX_BYTES / 1048576)) MiB" \
+    "$size bytes" test "$size" -lt "$IMAGE_MAX_BYTES"
+}
+
+container_listening() {
+  [[ $(docker inspect -f '{{.State.Running}}' "$CONTAINER" 2>/dev/null) == true ]] || return 2
+  docker logs "$CONTAINER" >"$LOG_DIR/container.log" 2>&1
+  [[ -n $(listening_port "$LOG_DIR/container.log") ]]
+}
+
+# The container shares the host's network namespace (--network host) and
+# binds 127.0.0.1 on a port the OS picks: no port clash with anything on this
+# machine, and the test traffic stays on loopback instead of going to the
+# bridge network's private addresses. The image's own HOST/PORT defaults are
+# checked in its metadata above.
+start_container() {
+  docker rm -f "$CONTAINER" >/dev/null 2>&1 || true
+  if ! docker run -d --name "$CONTAINER" --network host \
+    -e HOST=127.0.0.1 -e PORT=0 -e SHUTDOWN_GRACE_SEC="$SHUTDOWN_GRACE_SEC" \
+    "$IMAGE_TAG" >"$TMP/run.out" 2>&1; then
+    fail "docker run" "$(cat "$TMP/run.out")"
+    return 1
+  fi
+  CONTAINER_STARTED=1
+  if ! wait_until "$START_DEADLINE" container_listening; then
+    fail "container starts and logs its address" "within ${START_DEADLINE}s; state: $(docker inspect -f '{{.State.Status}} exit {{.State.ExitCode}}' "$CONTAINER"); log: $(docker logs "$CONTAINER" 2>&1 | tail -c 500)"
+    return 1
+  fi
+  BASE=http://127.0.0.1:$(listening_port "$LOG_DIR/container.log")
+  pass "container starts and logs its address ($BASE)"
+  check_container_user
+}
+
+# The process really runs as the image's user: ask the kernel, not docker.
+check_container_user() {
+  local pid uid
+  pid=$(docker inspect -f '{{.State.Pid}}' "$CONTAINER")
+  uid=$(awk '/^Uid:/ { print $2 }' "/proc/$pid/status" 2>/dev/null || echo unknown)
+  check "container process runs as uid 65534 (uid $uid)" "uid is $uid" test "$uid" = 65534
+}
+
+stop_container() {
+  local start took code
+  start=$(now)
+  docker stop -t "$DOCKER_STOP_TIMEOUT" "$CONTAINER" >/dev/null 2>&1 || true
+  took=$(elapsed_since "$start")
+  code=$(docker inspect -f '{{.State.ExitCode}}' "$CONTAINER")
+  docker logs "$CONTAINER" >"$LOG_DIR/container.log" 2>&1 || true
+  check "docker stop ends the container within ${STOP_BOUND}s, exit 0 (took ${took}s, exit $code)" \
+    "took ${took}s (docker's kill timeout is ${DOCKER_STOP_TIMEOUT}s), exit code $code" \
+    quick_clean_exit "$code" "$took"
+}
+
+step_docker() {
+  if ! timeout 20 docker info >/dev/null 2>&1; then
+    if [[ ${CI:-} == true ]]; then
+      fail "docker" "no Docker engine answers (docker info failed), and CI=true: .ci/run should have started one"
+    else
+      skip "docker: no Docker engine answers (docker info failed); CI starts one"
+    fi
+    return 0
+  fi
+  build_test_image || return 0
+  check_image_metadata
+  if ! command -v wscat >/dev/null; then fail "wscat" "missing; container smoke test not run"; return 0; fi
+  start_container || return 0
+  smoke "docker: " docker-
+  watch_shutdown docker-
+  stop_container
+  check_shutdown_notice "docker: " docker-
+}
+
+# ---- main -------------------------------------------------------------------
+
+main() {
+  rm -rf "$LOG_DIR"
+  mkdir -p "$LOG_DIR"
+  step_cargo_test
+  step_release_smoke
+  step_compose_config
+  step_docker
+  echo "$PASSED passed, $FAILED failed"
+  [[ $FAILED -eq 0 ]]
+}
+
+main "$@"
