@@ -65,6 +65,11 @@ EXPOSE 8000
 # own handler, which matters because PID 1 gets no default signal handling.
 STOPSIGNAL SIGTERM
 
+# The binary is its own probe (scratch has no shell and no curl): it asks
+# GET /health on 127.0.0.1:$PORT and exits 0 on a 200.
+HEALTHCHECK --interval=10s --timeout=5s --start-period=3s --retries=3 \
+  CMD ["/pubsub-backend", "healthcheck"]
+
 # Exec form: there is no shell in scratch, and the server must be PID 1 itself
 # so that it, not a shell, receives `docker stop`'s SIGTERM.
 ENTRYPOINT ["/pubsub-backend"]
