@@ -72,10 +72,6 @@ use tungstenite::{Bytes, Message, Utf8Bytes, WebSocket};
 
 use broker::{Broker, BrokerError, Ending, Replay, SessionControl};
 
-/// How long a new connection may take to send its request line and complete the WebSocket
-/// handshake. A client that says nothing for this long is dropped (slowloris protection).
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// Longest request line the dispatcher looks at, in bytes. Longer lines are refused with 414
 /// rather than routed blind; 8 KiB matches the common limit of nginx and Node.js.
 const MAX_REQUEST_LINE: usize = 8 * 1024;
@@ -311,6 +307,11 @@ const SETTINGS: &[Setting] = &[
         help: "heartbeat interval; silent for 2 intervals = dropped",
     },
     Setting {
+        var: "HANDSHAKE_TIMEOUT_SEC",
+        default: Some("10"),
+        help: "time to send the request line and finish the WebSocket handshake",
+    },
+    Setting {
         var: "SHUTDOWN_GRACE_SEC",
         default: Some("5"),
         help: "how long shutdown may spend flushing queues",
@@ -357,6 +358,9 @@ struct Config {
     queue_size: usize,
     log_level: log::LevelFilter,
     heartbeat: Duration,
+    /// How long a new connection may take to send its request line and complete the
+    /// WebSocket handshake: a client that says nothing for this long is dropped (slowloris).
+    handshake_timeout: Duration,
     shutdown_grace: Duration,
     write_timeout: Duration,
     max_message_bytes: usize,
@@ -520,6 +524,7 @@ impl Config {
             queue_size: count("QUEUE_SIZE", 1)?,
             log_level,
             heartbeat: seconds("HEARTBEAT_SEC", false)?,
+            handshake_timeout: seconds("HANDSHAKE_TIMEOUT_SEC", false)?,
             shutdown_grace: seconds("SHUTDOWN_GRACE_SEC", true)?,
             write_timeout: seconds("WRITE_TIMEOUT_SEC", false)?,
             max_message_bytes: count("MAX_MESSAGE_BYTES", 64)?,
@@ -1893,7 +1898,7 @@ fn dispatch(
 ) -> io::Result<()> {
     socket.set_nodelay(true)?;
     socket.set_write_timeout(Some(shared.config.write_timeout))?;
-    match peek_route(socket, Instant::now() + HANDSHAKE_TIMEOUT)? {
+    match peek_route(socket, Instant::now() + shared.config.handshake_timeout)? {
         Route::WebSocket => {
             registration.mark_websocket();
             serve_ws(socket, peer, shared)
@@ -2894,17 +2899,12 @@ fn route_rest(request: &mut tiny_http::Request, shared: &Shared) -> Result<RestR
     let (path, query) = request.url().split_once('?').unwrap_or((request.url(), ""));
     let (path, query) = (path.to_string(), query.to_string());
     let method = request.method().clone();
-    let route = RestRoute::parse(&path).ok_or(RestError::NotFound)?;
-    if route == RestRoute::Console && !shared.config.console {
-        return Err(RestError::NotFound);
-    }
-    // CORS preflights carry no credentials (browsers send them without custom headers).
-    if method == Method::Options {
-        return Ok(preflight(&route));
-    }
-    // Liveness probes and the console page (which asks for the key) work without the key.
-    let open_to_all =
-        method == Method::Get && matches!(route, RestRoute::Health | RestRoute::Console);
+    let route = RestRoute::parse(&path);
+    // Liveness probes, the console page (which asks for the key) and CORS preflights (which
+    // browsers send without credentials) work without the key. Everything else needs it,
+    // unknown routes included, so that nothing of the API shows without the key.
+    let open_to_all = method == Method::Options
+        || method == Method::Get && matches!(route, Some(RestRoute::Health | RestRoute::Console));
     if let Some(expected) = shared.config.api_key.as_deref() {
         // `X-API-Key: KEY`, or `Authorization: Bearer KEY` as Prometheus and most HTTP clients
         // send credentials.
@@ -2921,6 +2921,13 @@ fn route_rest(request: &mut tiny_http::Request, shared: &Shared) -> Result<RestR
         if !open_to_all && !given.is_some_and(|given| keys_match(expected, given.as_bytes())) {
             return Err(RestError::Unauthorized);
         }
+    }
+    let route = route.ok_or(RestError::NotFound)?;
+    if route == RestRoute::Console && !shared.config.console {
+        return Err(RestError::NotFound);
+    }
+    if method == Method::Options {
+        return Ok(preflight(&route));
     }
     match (&route, method) {
         (RestRoute::Topics, Method::Get) => Ok(list_topics(shared)),
