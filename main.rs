@@ -702,14 +702,14 @@ enum ErrorCode {
 
 /// A validated request from a WebSocket client.
 #[derive(Debug)]
-struct ClientRequest<'a> {
+pub(crate) struct ClientRequest<'a> {
     /// Echoed on the reply; any string the client likes.
     request_id: Option<String>,
     op: Operation<'a>,
 }
 
 #[derive(Debug)]
-enum Operation<'a> {
+pub(crate) enum Operation<'a> {
     Subscribe {
         topic: String,
         client_id: String,
@@ -731,7 +731,7 @@ enum Operation<'a> {
 
 /// Why a request was refused with `BAD_REQUEST`, and the `request_id` to echo if it had one.
 #[derive(Debug, PartialEq)]
-struct Rejection {
+pub(crate) struct Rejection {
     request_id: Option<String>,
     message: String,
 }
@@ -824,7 +824,8 @@ fn is_valid_topic_name(name: &str) -> bool {
 
 impl<'a> ClientRequest<'a> {
     /// Validates one text frame from a client.
-    fn parse(text: &'a str) -> Result<ClientRequest<'a>, Rejection> {
+    /// (Fuzzed by `fuzz/fuzz_targets/client_message.rs`, hence `pub(crate)`.)
+    pub(crate) fn parse(text: &'a str) -> Result<ClientRequest<'a>, Rejection> {
         let raw: RawRequest<'a> = parse_object(text).map_err(|message| Rejection {
             request_id: None,
             message,
@@ -1880,7 +1881,7 @@ fn is_expected_end(error: &io::Error) -> bool {
 
 /// Where a connection goes, decided from its request line alone.
 #[derive(Debug, PartialEq, Eq)]
-enum Route {
+pub(crate) enum Route {
     WebSocket,
     Rest,
     /// The peer closed before sending a request line.
@@ -1931,17 +1932,25 @@ fn peek_route(socket: &TcpStream, deadline: Instant) -> io::Result<Route> {
         }
         socket.set_read_timeout(Some(remaining))?;
         let n = socket.peek(&mut buf)?;
-        if n == 0 {
-            return Ok(Route::Closed);
-        }
-        if let Some(end) = buf[..n].iter().position(|&b| b == b'\n') {
-            return Ok(route_for_request_line(&buf[..end]));
-        }
-        if n == buf.len() {
-            return Ok(Route::TooLong);
+        if let Some(route) = decide_route(&buf[..n], buf.len()) {
+            return Ok(route);
         }
         thread::sleep(pause.min(remaining));
         pause = (pause * 2).min(Duration::from_millis(50));
+    }
+}
+
+/// Routes on what has been peeked so far, or `None` while the request line is incomplete and
+/// more bytes fit. `capacity` is how many bytes a peek can return. (The fuzz target
+/// `fuzz/fuzz_targets/route.rs` exercises this, hence `pub(crate)`.)
+pub(crate) fn decide_route(peeked: &[u8], capacity: usize) -> Option<Route> {
+    if peeked.is_empty() {
+        return Some(Route::Closed);
+    }
+    match peeked.iter().position(|&b| b == b'\n') {
+        Some(end) => Some(route_for_request_line(&peeked[..end])),
+        None if peeked.len() >= capacity => Some(Route::TooLong),
+        None => None,
     }
 }
 
@@ -3726,20 +3735,21 @@ mod tests {
 
     #[test]
     fn routes_on_the_request_line_path() {
+        let route = |peeked: &[u8]| decide_route(peeked, 64);
         assert_eq!(
-            route_for_request_line(b"GET /ws HTTP/1.1\r"),
-            Route::WebSocket
+            route(b"GET /ws HTTP/1.1\r\nHost: x\r\n"),
+            Some(Route::WebSocket)
         );
         assert_eq!(
-            route_for_request_line(b"GET /ws?api_key=k HTTP/1.1\r"),
-            Route::WebSocket
+            route(b"GET /ws?api_key=k HTTP/1.1\r\n"),
+            Some(Route::WebSocket)
         );
-        assert_eq!(route_for_request_line(b"GET /wsx HTTP/1.1\r"), Route::Rest);
-        assert_eq!(
-            route_for_request_line(b"GET /topics HTTP/1.1\r"),
-            Route::Rest
-        );
-        assert_eq!(route_for_request_line(b"garbage"), Route::Rest);
+        assert_eq!(route(b"GET /wsx HTTP/1.1\r\n"), Some(Route::Rest));
+        assert_eq!(route(b"GET /topics HTTP/1.1\r\n"), Some(Route::Rest));
+        assert_eq!(route(b"garbage\n"), Some(Route::Rest));
+        assert_eq!(route(b"GET /w"), None, "an incomplete line waits for more");
+        assert_eq!(route(b""), Some(Route::Closed));
+        assert_eq!(route(&[b'a'; 64]), Some(Route::TooLong));
     }
 
     #[test]
