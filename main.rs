@@ -2,19 +2,23 @@
 //!
 //! A real-time publish/subscribe server. Clients speak JSON over one WebSocket endpoint (`/ws`:
 //! subscribe, unsubscribe, publish, ping) and manage topics over REST (`/topics`, `/health`,
-//! `/stats`), both on one TCP port. Every topic keeps a ring of its last `RING_SIZE` events for
-//! replay; every WebSocket connection has one bounded outbound queue, and a connection whose queue
-//! overflows is cut (`SLOW_CONSUMER`) instead of slowing anyone else down. `shared/SPEC.md` is
-//! the contract; README.md documents the choices made where it is silent.
+//! `/stats`, `/metrics`, history and HTTP publish under `/topics/{name}/messages`, a live console
+//! at `/`), all on one TCP port. Every topic numbers its events (`seq`, within an `epoch`) and
+//! keeps a ring of the last `RING_SIZE` for replay and resume; every WebSocket connection has
+//! one bounded outbound queue, and a connection whose queue overflows is cut (`SLOW_CONSUMER`)
+//! instead of slowing anyone else down. `shared/SPEC.md` is the contract; README.md documents
+//! the choices made where it is silent.
 //!
 //! ## Main types, in the order data flows
 //! - [`Config`]: settings from the environment (flags mirror them).
-//! - [`ClientRequest`] and [`ServerMessage`]: the wire protocol; [`ErrorCode`] for failures.
+//! - [`ClientRequest`] and [`ServerMessage`]: the wire protocol; [`ErrorCode`] for failures;
+//!   [`Unfinished`] for messages the broker completes with numbers only it knows.
 //! - [`broker::Broker`]: topics, rings, subscriptions, one bounded queue per connection. No I/O.
-//! - The dispatcher ([`run_acceptor`], [`dispatch`]): accepts, peeks at the request line and
-//!   routes `/ws` to the WebSocket session and everything else to REST.
+//! - [`Connections`] and [`Metrics`]: what is open (against `MAX_CONNECTIONS`) and counted.
+//! - The dispatcher ([`run_acceptor`], [`dispatch`]): admits or refuses, peeks at the request
+//!   line and routes `/ws` to the WebSocket session and everything else to REST.
 //! - The WebSocket session ([`serve_ws`]): a reader that parses requests and calls the broker,
-//!   and a writer ([`run_writer`]) that alone writes frames; [`Outgoing`] is what flows between.
+//!   and a [`Writer`] that alone writes frames; [`Outgoing`] is what flows between them.
 //! - REST ([`run_rest_worker`], [`handle_rest`]): tiny_http workers and the route handlers,
 //!   reached through a byte pump ([`proxy_to_rest`]) because tiny_http cannot adopt a socket.
 //!
@@ -22,7 +26,7 @@
 //! | thread | owns | blocks in | exits when |
 //! |---|---|---|---|
 //! | `main` | start-up, shutdown | waiting for SIGTERM/SIGINT | after shutdown |
-//! | `acceptor` | the listening socket | `accept` | shutdown flag, woken by a self-connect |
+//! | `acceptor` | the listening socket; refusals | `accept` | shutdown flag, woken by a self-connect |
 //! | `conn-N` | one client socket: peek, then WebSocket reader or REST upload pump | socket read | peer closes, idle timeout, or `TcpStream::shutdown` from the writer or shutdown |
 //! | `ws-writer-N` | the only writer of one WebSocket | `recv_timeout` on its queue (also the heartbeat tick), socket write | the session closes; a write blocked for `WRITE_TIMEOUT_SEC` |
 //! | `rest-out-N` | REST response pump to one client | read from tiny_http | tiny_http closes its side |
@@ -30,7 +34,8 @@
 //! | tiny_http's own | its accept loop and per-connection parsers | unix socket reads | process exit |
 //!
 //! ## Invariants
-//! - The broker does no I/O, never blocks on a queue (`try_send` only), and formats nothing.
+//! - The broker does no I/O, never blocks on a queue (`try_send` only), and serializes nothing
+//!   (it appends numbers to frames serialized beforehand).
 //! - Exactly one thread writes to a WebSocket after its handshake: that session's writer. The
 //!   reader's automatic pong and close replies go to a sink and are re-sent through the writer.
 //! - No lock is held across I/O or a blocking send.
@@ -38,6 +43,8 @@
 //!   connection cut as a slow consumer is removed from every topic under the same lock.
 //! - A subscribe ack and its replay are one queue item, queued under the lock that registers the
 //!   subscription, so no live event can come between them and none can be missed or repeated.
+//! - A topic's events are numbered under the broker lock, in the order they are queued, so
+//!   every subscriber sees `seq` increase by one from event to event.
 
 #![forbid(unsafe_code)]
 
