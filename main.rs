@@ -1153,6 +1153,8 @@ mod broker {
         /// included.
         pub published: u64,
         pub delivered: u64,
+        /// Sessions cut because their queue was full.
+        pub slow_consumer_cuts: u64,
         /// The first topics by name, at most as many as asked for.
         pub first_topics: Vec<TopicStats>,
     }
@@ -1187,6 +1189,7 @@ mod broker {
         closed: bool,
         published: u64,
         delivered: u64,
+        slow_consumer_cuts: u64,
     }
 
     struct Topic {
@@ -1287,6 +1290,7 @@ mod broker {
                 subscriptions: state.topics.values().map(|t| t.subscribers.len()).sum(),
                 published: state.published,
                 delivered: state.delivered,
+                slow_consumer_cuts: state.slow_consumer_cuts,
                 first_topics: state
                     .topics
                     .values()
@@ -1537,6 +1541,9 @@ mod broker {
         /// nothing more is queued for it.
         fn cut(&mut self, id: SessionId, why: Ending, position: Option<(Arc<str>, u64)>) {
             if let Some(session) = self.remove_session(id) {
+                if why == Ending::SlowConsumer {
+                    self.slow_consumer_cuts += 1;
+                }
                 if why != Ending::Open {
                     if let Some(position) = position {
                         let _ = session.control.cut_position.set(position);
@@ -1730,7 +1737,6 @@ const MAX_TOPIC_SERIES: usize = 100;
 /// the hot paths never wait on them.
 #[derive(Default)]
 struct Metrics {
-    slow_consumer_cuts: AtomicU64,
     heartbeat_reaps: AtomicU64,
     /// (route label, status) → requests.
     rest_requests: Mutex<BTreeMap<(&'static str, u16), u64>>,
@@ -2572,10 +2578,6 @@ impl Writer {
                          with since_seq and epoch to resume",
                         self.shared.config.queue_size
                     );
-                    self.shared
-                        .metrics
-                        .slow_consumer_cuts
-                        .fetch_add(1, Ordering::Relaxed);
                     let (topic, seq) = self.control.cut_position().unzip();
                     let error = ErrorBody {
                         code: ErrorCode::SlowConsumer,
@@ -2881,11 +2883,26 @@ fn handle_rest(mut request: tiny_http::Request, shared: &Shared) {
     shared.metrics.count_rest_request(route, reply.status);
 
     let mut response = tiny_http::Response::from_string(reply.body).with_status_code(reply.status);
+    let is_preflight = *request.method() == tiny_http::Method::Options;
     let cors = origin.into_iter().flat_map(|origin| {
-        [
+        let mut headers = vec![
             ("Access-Control-Allow-Origin", origin),
             ("Vary", "Origin".into()),
-        ]
+        ];
+        if is_preflight {
+            headers.extend([
+                (
+                    "Access-Control-Allow-Methods",
+                    "GET, POST, DELETE, OPTIONS".into(),
+                ),
+                (
+                    "Access-Control-Allow-Headers",
+                    "Content-Type, X-API-Key, Authorization".into(),
+                ),
+                ("Access-Control-Max-Age", "600".into()),
+            ]);
+        }
+        headers
     });
     let headers = [("Content-Type", reply.content_type.to_string())]
         .into_iter()
@@ -2929,7 +2946,11 @@ fn route_rest(request: &mut tiny_http::Request, shared: &Shared) -> Result<RestR
             if h.field.equiv("X-API-Key") {
                 Some(value)
             } else if h.field.equiv("Authorization") {
-                value.strip_prefix("Bearer ")
+                // RFC 9110 11.1: the scheme is case-insensitive.
+                let (scheme, credentials) = value.split_once(' ')?;
+                scheme
+                    .eq_ignore_ascii_case("Bearer")
+                    .then(|| credentials.trim_start())
             } else {
                 None
             }
@@ -2968,20 +2989,10 @@ fn route_rest(request: &mut tiny_http::Request, shared: &Shared) -> Result<RestR
     }
 }
 
-/// Answers `OPTIONS`: the route's methods, and for a CORS preflight what a browser may send.
-/// The `Access-Control-Allow-Origin` that makes a preflight succeed is added by [`handle_rest`]
-/// only for an allowed origin.
+/// Answers `OPTIONS` with the route's methods. What makes it a successful CORS preflight is
+/// added by [`handle_rest`], and only for an allowed origin.
 fn preflight(route: &RestRoute<'_>) -> RestReply {
-    let methods = format!("{}, OPTIONS", route.allowed_methods());
-    let headers = vec![
-        ("Allow", methods.clone()),
-        ("Access-Control-Allow-Methods", methods),
-        (
-            "Access-Control-Allow-Headers",
-            "Content-Type, X-API-Key".to_string(),
-        ),
-        ("Access-Control-Max-Age", "600".to_string()),
-    ];
+    let headers = vec![("Allow", format!("{}, OPTIONS", route.allowed_methods()))];
     RestReply {
         headers,
         ..RestReply::json(204, String::new())
@@ -3292,7 +3303,7 @@ fn metrics(shared: &Shared) -> RestReply {
         "Events queued for subscribers per topic.",
         per_topic(|t| t.delivered),
     );
-    let cuts = load(&metrics.slow_consumer_cuts);
+    let cuts = broker.slow_consumer_cuts;
     family(
         "pubsub_slow_consumer_disconnects_total",
         "counter",
@@ -3439,7 +3450,7 @@ const CONSOLE_HTML: &str = r##"<!doctype html>
   table { width:100%; border-collapse:collapse; }
   th, td { text-align:left; padding:5px 6px; border-bottom:1px solid var(--line); }
   th { color:var(--muted); font-weight:500; font-size:12px; }
-  td.num { text-align:right; font-variant-numeric: tabular-nums; }
+  td.num, th.num { text-align:right; font-variant-numeric: tabular-nums; }
   #events { list-style:none; margin:0; padding:0; max-height:420px; overflow:auto; }
   #events li { border-bottom:1px solid var(--line); padding:6px 2px; }
   #events .meta { color:var(--muted); font-size:12px; }
