@@ -96,7 +96,7 @@ const CONNECTION_STACK_SIZE: usize = 256 * 1024;
 
 /// Bytes tungstenite reads from a socket at a time; its default (128 KiB) would be allocated for
 /// every connection, while a request is usually far smaller. Larger messages still arrive whole.
-const WS_READ_BUFFER_SIZE: usize = 8 * 1024;
+const WS_READ_BUFFER_SIZE: usize = 2 * 1024;
 
 /// Bytes of encoded frames the writer collects before it writes to the socket; a flush at the
 /// end of every batch of queued items sends the rest, so small batches are not delayed.
@@ -584,12 +584,20 @@ impl Config {
             .max_message_size(Some(self.max_message_bytes))
             .max_frame_size(Some(self.max_message_bytes))
     }
+
+    /// The writer's WebSocket never reads, so its read buffer is as small as tungstenite
+    /// allows (it is allocated up front, per connection).
+    fn writer_websocket_config(&self) -> WebSocketConfig {
+        self.websocket_config().read_buffer_size(0)
+    }
 }
 
 /// How many connections this process can serve at once, from the limits the OS sets: every
-/// WebSocket costs a file descriptor and two threads, and every thread a pid and two memory
-/// mappings (its stack and guard page). A reserve is kept for the listener, tiny_http and REST
-/// connections, which cost more. Unreadable limits count as unlimited.
+/// WebSocket costs a file descriptor and two threads, and every thread a pid and four memory
+/// mappings (its stack and guard page, and the alternate signal stack and guard page that Rust
+/// gives every thread to report stack overflows), measured in /proc/PID/maps. A reserve is
+/// kept for the listener, tiny_http and REST connections, which cost more. Unreadable limits
+/// count as unlimited.
 fn os_connection_limit() -> usize {
     fn read_number(path: &str) -> Option<usize> {
         std::fs::read_to_string(path).ok()?.trim().parse().ok()
@@ -610,11 +618,12 @@ fn os_connection_limit() -> usize {
     let threads = [
         read_number("/proc/sys/kernel/pid_max"),
         read_number("/proc/sys/kernel/threads-max"),
-        read_number("/proc/sys/vm/max_map_count").map(|maps| maps / 2),
+        read_number("/proc/sys/vm/max_map_count").map(|maps| maps / MAPS_PER_THREAD),
     ]
     .into_iter()
     .flatten()
     .min();
+    const MAPS_PER_THREAD: usize = 4;
     const RESERVE: usize = 256;
     let by_files = open_files.map(|files| files.saturating_sub(RESERVE));
     let by_threads = threads.map(|threads| threads.saturating_sub(RESERVE) / 2);
@@ -2133,7 +2142,7 @@ fn serve_ws(socket: &Arc<TcpStream>, peer: Peer, shared: &Arc<Shared>) -> io::Re
     let writer_ws = WebSocket::from_raw_socket(
         WriterSocket(Arc::clone(socket)),
         Role::Server,
-        Some(config.websocket_config()),
+        Some(config.writer_websocket_config()),
     );
     let writer = Writer {
         ws: writer_ws,
@@ -2543,30 +2552,51 @@ impl Writer {
         let heartbeat = self.shared.config.heartbeat;
         let mut next_heartbeat = Instant::now() + heartbeat;
         loop {
-            match self
-                .rx
-                .recv_timeout(next_heartbeat.saturating_duration_since(Instant::now()))
-            {
-                Ok(item) => {
-                    if self.write_item(item)? {
-                        return Ok(());
-                    }
-                    // Everything already queued goes out in the same flush.
-                    loop {
-                        match self.rx.try_recv() {
-                            Ok(item) => {
-                                if self.write_item(item)? {
-                                    return Ok(());
-                                }
-                            }
-                            Err(TryRecvError::Empty) => break,
-                            Err(TryRecvError::Disconnected) => return self.flush(),
-                        }
-                    }
-                    self.flush()?;
+            // One clock read per batch: the queue is tried before waiting on it (a wait with a
+            // timeout reads the clock again), and the batch itself takes no time worth counting.
+            let now = Instant::now();
+            if now >= next_heartbeat {
+                self.ws.write(Message::Ping(Bytes::new()))?;
+                let ts = timestamp();
+                let frame = ServerMessage::Info {
+                    topic: None,
+                    msg: "ping",
+                    ts: &ts,
                 }
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => return Ok(()),
+                .to_frame();
+                self.ws.write(Message::Text(frame))?;
+                self.flush()?;
+                next_heartbeat = now + heartbeat;
+            }
+            let first = match self.rx.try_recv() {
+                Ok(item) => Some(item),
+                Err(TryRecvError::Disconnected) => return Ok(()),
+                Err(TryRecvError::Empty) => match self
+                    .rx
+                    .recv_timeout(next_heartbeat.saturating_duration_since(now))
+                {
+                    Ok(item) => Some(item),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => return Ok(()),
+                },
+            };
+            if let Some(item) = first {
+                if self.write_item(item)? {
+                    return Ok(());
+                }
+                // Everything already queued goes out in the same flush.
+                loop {
+                    match self.rx.try_recv() {
+                        Ok(item) => {
+                            if self.write_item(item)? {
+                                return Ok(());
+                            }
+                        }
+                        Err(TryRecvError::Empty) => break,
+                        Err(TryRecvError::Disconnected) => return self.flush(),
+                    }
+                }
+                self.flush()?;
             }
             // The queue is empty here, so everything queued before the ending has been written.
             match self.control.ending() {
@@ -2605,18 +2635,6 @@ impl Writer {
                     self.ws.write(Message::Text(frame))?;
                     return self.close(CloseCode::Away, "server shutdown");
                 }
-            }
-            if Instant::now() >= next_heartbeat {
-                self.ws.write(Message::Ping(Bytes::new()))?;
-                let frame = ServerMessage::Info {
-                    topic: None,
-                    msg: "ping",
-                    ts: &timestamp(),
-                }
-                .to_frame();
-                self.ws.write(Message::Text(frame))?;
-                self.ws.flush()?;
-                next_heartbeat = Instant::now() + heartbeat;
             }
         }
     }
