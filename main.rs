@@ -102,9 +102,11 @@ const WS_READ_BUFFER_SIZE: usize = 2 * 1024;
 /// end of every batch of queued items sends the rest, so small batches are not delayed.
 const WS_WRITE_BUFFER_SIZE: usize = 64 * 1024;
 
-/// Threads answering REST requests. REST handlers only take the broker lock briefly, so a few
-/// workers keep every core busy.
-const REST_WORKERS: usize = 4;
+/// Threads answering REST requests: one, so that requests pipelined on one connection run in
+/// the order they were sent (RFC 9112 9.3.2), which tiny_http does not ensure across workers.
+/// One is enough: handlers take microseconds, and requests reach tiny_http whole (the request
+/// pump buffers them), so no handler ever waits on a slow client.
+const REST_WORKERS: usize = 1;
 
 /// How long the acceptor backs off after `accept` fails (out of file descriptors, say), so the
 /// failure is not retried in a hot loop; the server goes on once descriptors free up.
@@ -2689,13 +2691,13 @@ impl Writer {
     }
 }
 
-/// Pumps a REST connection's bytes to tiny_http and back. tiny_http only serves connections it
-/// accepts itself and cannot adopt a socket we accepted, so it listens on a private unix socket
-/// and this thread copies the client's bytes there while a second thread copies the answers
-/// back. The request line is still unread (we only peeked), so tiny_http sees the whole request.
+/// Pumps a REST connection to tiny_http and back. tiny_http only serves connections it
+/// accepts itself and cannot adopt a socket we accepted, so it listens on a private unix socket;
+/// this thread forwards the client's requests there one by one, each checked and whole (see
+/// [`RequestPump`]), while a second thread copies the answers back. The request line is still
+/// unread (we only peeked), so tiny_http sees every request complete.
 fn proxy_to_rest(client: &Arc<TcpStream>, peer: Peer, shared: &Shared) -> io::Result<()> {
     let backend = Arc::new(UnixStream::connect_addr(&shared.rest_addr)?);
-    client.set_read_timeout(Some(REST_IDLE_TIMEOUT))?;
     let responses = {
         let (client, backend) = (Arc::clone(client), Arc::clone(&backend));
         thread::Builder::new()
@@ -2703,19 +2705,363 @@ fn proxy_to_rest(client: &Arc<TcpStream>, peer: Peer, shared: &Shared) -> io::Re
             .stack_size(CONNECTION_STACK_SIZE)
             .spawn(move || {
                 let copied = io::copy(&mut &*backend, &mut &*client);
-                // tiny_http is done with this connection: so are we, even if the client is
-                // still sending (that also wakes the upload pump below).
-                let _ = client.shutdown(Shutdown::Both);
+                // tiny_http is done with this connection, so nothing more is read from the
+                // client (this wakes the request pump); writing stays open for its refusal.
+                let _ = client.shutdown(Shutdown::Read);
                 copied
             })?
     };
-    let uploaded = io::copy(&mut &**client, &mut &*backend);
+    let mut pump = RequestPump {
+        client,
+        buf: Vec::new(),
+        config: &shared.config,
+    };
+    let forwarded = pump.forward_all(&backend);
     // Tell tiny_http the client has finished; it answers what it has read, then closes.
     let _ = backend.shutdown(Shutdown::Write);
     let downloaded = responses
         .join()
         .unwrap_or_else(|_| Err(io::Error::other("response pump panicked")));
-    uploaded.and(downloaded).map(drop)
+    let result = match forwarded {
+        // Every earlier answer is out: the refusal comes last, then the connection closes.
+        Err(PumpEnd::Refused(refusal)) => {
+            log::debug!("{peer}: REST request refused: {}", refusal.message);
+            write_raw_error(
+                &mut &**client,
+                refusal.status,
+                refusal.code,
+                &refusal.message,
+            )
+        }
+        Err(PumpEnd::Failed(error)) => Err(error),
+        Ok(()) => Ok(()),
+    };
+    let _ = client.shutdown(Shutdown::Both);
+    result.and(downloaded.map(drop))
+}
+
+/// Limits of a REST request head, checked before tiny_http sees it (it buffers heads without a
+/// limit): 16 KiB and 64 headers, about what nginx and Node.js allow.
+const MAX_HEAD_BYTES: usize = 16 * 1024;
+const MAX_HEADERS: usize = 64;
+
+/// Why the request pump stopped.
+#[derive(Debug)]
+enum PumpEnd {
+    /// A request the server answers itself with this error, then closes the connection.
+    Refused(HttpRefusal),
+    /// The client went away, fell silent or sent half a request: close quietly.
+    Failed(io::Error),
+}
+
+#[derive(Debug)]
+struct HttpRefusal {
+    status: StatusCode,
+    code: ErrorCode,
+    message: String,
+}
+
+impl From<io::Error> for PumpEnd {
+    fn from(error: io::Error) -> PumpEnd {
+        PumpEnd::Failed(error)
+    }
+}
+
+fn refusal(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> PumpEnd {
+    PumpEnd::Refused(HttpRefusal {
+        status,
+        code,
+        message: message.into(),
+    })
+}
+
+/// How a request's body is delimited (RFC 9112 6.3).
+enum BodyFraming {
+    Length(usize),
+    Chunked,
+}
+
+/// Reads a REST client's requests one at a time and forwards each to tiny_http whole, head and
+/// body, once it has checked it: a head of at most [`MAX_HEAD_BYTES`] and [`MAX_HEADERS`],
+/// HTTP/1.0 or 1.1, unambiguous framing (one `Content-Length`, or `Transfer-Encoding: chunked`
+/// alone; RFC 9112 6.3 calls anything else a smuggling risk) and a body within
+/// `MAX_MESSAGE_BYTES`. Whole requests mean a tiny_http worker never waits on a slow client,
+/// and a client that trickles a request is cut at `HANDSHAKE_TIMEOUT_SEC`.
+struct RequestPump<'a> {
+    client: &'a TcpStream,
+    /// Bytes read from the client and not yet forwarded.
+    buf: Vec<u8>,
+    config: &'a Config,
+}
+
+impl RequestPump<'_> {
+    fn forward_all(&mut self, backend: &UnixStream) -> Result<(), PumpEnd> {
+        loop {
+            // Waiting for the next request on a keep-alive connection may take a while; once
+            // it has begun, the whole request must arrive within the handshake timeout.
+            self.client.set_read_timeout(Some(REST_IDLE_TIMEOUT))?;
+            if self.buf.is_empty() && !self.fill()? {
+                return Ok(());
+            }
+            let deadline = Instant::now() + self.config.handshake_timeout;
+            let request = self.read_request(deadline)?;
+            (&*backend).write_all(&request)?;
+        }
+    }
+
+    /// Reads one whole request; returns the bytes to forward.
+    fn read_request(&mut self, deadline: Instant) -> Result<Vec<u8>, PumpEnd> {
+        let (head_len, head, framing, expects_continue) = loop {
+            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let mut request = httparse::Request::new(&mut headers);
+            match request.parse(&self.buf) {
+                Ok(httparse::Status::Complete(head_len)) => {
+                    let (framing, expects_continue) = self.framing(request.headers)?;
+                    // tiny_http would answer `Expect: 100-continue` only once a handler reads
+                    // the body, which here is forwarded whole: the pump answers it instead.
+                    let head = head_without_expect(&self.buf[..head_len], request.headers);
+                    break (head_len, head, framing, expects_continue);
+                }
+                Ok(httparse::Status::Partial) if self.buf.len() >= MAX_HEAD_BYTES => {
+                    return Err(head_too_large())
+                }
+                Ok(httparse::Status::Partial) => self.fill_before(deadline)?,
+                Err(httparse::Error::TooManyHeaders) => return Err(head_too_large()),
+                Err(httparse::Error::Version) => {
+                    let message = "only HTTP/1.0 and HTTP/1.1 are served here";
+                    return Err(refusal(
+                        StatusCode::HTTP_VERSION_NOT_SUPPORTED,
+                        ErrorCode::BadRequest,
+                        message,
+                    ));
+                }
+                Err(error) => {
+                    let message = format!("malformed request head: {error}");
+                    return Err(refusal(
+                        StatusCode::BAD_REQUEST,
+                        ErrorCode::BadRequest,
+                        message,
+                    ));
+                }
+            }
+        };
+        if head_len > MAX_HEAD_BYTES {
+            return Err(head_too_large());
+        }
+        if expects_continue && self.buf.len() == head_len {
+            self.client_write(b"HTTP/1.1 100 Continue\r\n\r\n")?;
+        }
+        let body_len = match framing {
+            BodyFraming::Length(length) => {
+                self.fill_to(head_len + length, deadline)?;
+                length
+            }
+            BodyFraming::Chunked => self.chunked_body_len(head_len, deadline)?,
+        };
+        let mut request = head;
+        request.extend_from_slice(&self.buf[head_len..head_len + body_len]);
+        self.buf.drain(..head_len + body_len);
+        Ok(request)
+    }
+
+    /// The body's framing from the headers, and whether the client waits for `100 Continue`.
+    fn framing(&self, headers: &[httparse::Header<'_>]) -> Result<(BodyFraming, bool), PumpEnd> {
+        let max = self.config.max_message_bytes;
+        let bad = |message: &str| refusal(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, message);
+        let values = |name: &'static str| {
+            headers
+                .iter()
+                .filter(move |h| h.name.eq_ignore_ascii_case(name))
+                .map(|h| h.value.trim_ascii())
+        };
+        let lengths: Vec<&[u8]> = values("Content-Length").collect();
+        let encodings: Vec<&[u8]> = values("Transfer-Encoding").collect();
+        let expects_continue = match values("Expect").next() {
+            None => false,
+            Some(expect) if expect.eq_ignore_ascii_case(b"100-continue") => true,
+            Some(_) => {
+                let message = "only `Expect: 100-continue` is supported";
+                return Err(refusal(
+                    StatusCode::EXPECTATION_FAILED,
+                    ErrorCode::BadRequest,
+                    message,
+                ));
+            }
+        };
+        let framing = match (lengths.as_slice(), encodings.as_slice()) {
+            ([], []) => BodyFraming::Length(0),
+            ([], [encoding]) if encoding.eq_ignore_ascii_case(b"chunked") => BodyFraming::Chunked,
+            ([], _) => return Err(bad("Transfer-Encoding must be exactly `chunked`")),
+            (_, [_, ..]) => {
+                return Err(bad(
+                    "Content-Length and Transfer-Encoding together are ambiguous",
+                ))
+            }
+            ([length], []) => {
+                let length = std::str::from_utf8(length)
+                    .ok()
+                    .filter(|digits| {
+                        !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit())
+                    })
+                    .and_then(|digits| digits.parse::<u64>().ok())
+                    .ok_or_else(|| bad("Content-Length must be a number"))?;
+                match usize::try_from(length) {
+                    Ok(length) if length <= max => BodyFraming::Length(length),
+                    _ => return Err(body_too_large(max)),
+                }
+            }
+            (_, []) => return Err(bad("more than one Content-Length")),
+        };
+        Ok((framing, expects_continue))
+    }
+
+    /// Reads a chunked body (RFC 9112 7.1) that starts at `start` until its last chunk and
+    /// trailers; returns its length on the wire. The sum of its chunks counts against
+    /// `MAX_MESSAGE_BYTES`.
+    fn chunked_body_len(&mut self, start: usize, deadline: Instant) -> Result<usize, PumpEnd> {
+        let max = self.config.max_message_bytes;
+        let bad = |message: &str| refusal(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, message);
+        let (mut at, mut total) = (start, 0usize);
+        loop {
+            let line_end = self.line_end(at, deadline)?;
+            let line = &self.buf[at..line_end - 2];
+            let size = line
+                .split(|&b| b == b';')
+                .next()
+                .unwrap_or_default()
+                .trim_ascii();
+            let size = std::str::from_utf8(size)
+                .ok()
+                .filter(|hex| !hex.is_empty() && hex.len() <= 8)
+                .and_then(|hex| usize::from_str_radix(hex, 16).ok())
+                .ok_or_else(|| bad("malformed chunk size"))?;
+            total = total.saturating_add(size);
+            if total > max {
+                return Err(body_too_large(max));
+            }
+            at = line_end;
+            if size == 0 {
+                // Trailer lines, then the empty line that ends the message.
+                loop {
+                    let line_end = self.line_end(at, deadline)?;
+                    let empty = line_end - at == 2;
+                    at = line_end;
+                    if empty {
+                        return Ok(at - start);
+                    }
+                }
+            }
+            self.fill_to(at + size + 2, deadline)?;
+            if &self.buf[at + size..at + size + 2] != b"\r\n" {
+                return Err(bad("a chunk does not end with CRLF"));
+            }
+            at += size + 2;
+        }
+    }
+
+    /// The end (after CRLF) of the line starting at `at`, reading as needed; lines in a
+    /// chunked body are short, so one longer than 4 KiB is refused.
+    fn line_end(&mut self, at: usize, deadline: Instant) -> Result<usize, PumpEnd> {
+        loop {
+            if let Some(end) = self.buf[at..].windows(2).position(|pair| pair == b"\r\n") {
+                return Ok(at + end + 2);
+            }
+            if self.buf.len() - at > 4096 {
+                let message = "chunk line longer than 4 KiB";
+                return Err(refusal(
+                    StatusCode::BAD_REQUEST,
+                    ErrorCode::BadRequest,
+                    message,
+                ));
+            }
+            self.fill_before(deadline)?;
+        }
+    }
+
+    fn fill_to(&mut self, len: usize, deadline: Instant) -> Result<(), PumpEnd> {
+        while self.buf.len() < len {
+            self.fill_before(deadline)?;
+        }
+        Ok(())
+    }
+
+    /// Reads more before the deadline; the end of the stream in the middle of a request is
+    /// an error (the half request is dropped, never executed).
+    fn fill_before(&mut self, deadline: Instant) -> Result<(), PumpEnd> {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            return Err(
+                io::Error::new(io::ErrorKind::TimedOut, "request not received in time").into(),
+            );
+        }
+        self.client.set_read_timeout(Some(remaining))?;
+        if self.fill()? {
+            Ok(())
+        } else {
+            Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "connection closed inside a request",
+            )
+            .into())
+        }
+    }
+
+    /// Appends what the client has sent; false at the end of the stream.
+    fn fill(&mut self) -> io::Result<bool> {
+        let mut chunk = [0u8; 8192];
+        let n = (&*self.client).read(&mut chunk)?;
+        self.buf.extend_from_slice(&chunk[..n]);
+        Ok(n > 0)
+    }
+
+    fn client_write(&self, bytes: &[u8]) -> io::Result<()> {
+        (&*self.client).write_all(bytes)
+    }
+}
+
+/// The head as sent, without its `Expect` header (the pump has answered it already).
+fn head_without_expect(head: &[u8], headers: &[httparse::Header<'_>]) -> Vec<u8> {
+    if !headers
+        .iter()
+        .any(|h| h.name.eq_ignore_ascii_case("Expect"))
+    {
+        return head.to_vec();
+    }
+    let request_line_end = head
+        .windows(2)
+        .position(|pair| pair == b"\r\n")
+        .map_or(0, |end| end + 2);
+    let mut rebuilt = head[..request_line_end].to_vec();
+    for header in headers
+        .iter()
+        .filter(|h| !h.name.eq_ignore_ascii_case("Expect"))
+    {
+        rebuilt.extend_from_slice(header.name.as_bytes());
+        rebuilt.extend_from_slice(b": ");
+        rebuilt.extend_from_slice(header.value);
+        rebuilt.extend_from_slice(b"\r\n");
+    }
+    rebuilt.extend_from_slice(b"\r\n");
+    rebuilt
+}
+
+fn head_too_large() -> PumpEnd {
+    let message =
+        format!("request head larger than {MAX_HEAD_BYTES} bytes or {MAX_HEADERS} headers");
+    refusal(
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        ErrorCode::BadRequest,
+        message,
+    )
+}
+
+fn body_too_large(max: usize) -> PumpEnd {
+    let message = format!("body larger than MAX_MESSAGE_BYTES ({max} bytes)");
+    refusal(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        ErrorCode::PayloadTooLarge,
+        message,
+    )
 }
 
 /// Serves REST requests that tiny_http has parsed, until shutdown unblocks it.
@@ -3032,6 +3378,15 @@ fn read_body(request: &mut tiny_http::Request, limit: usize) -> Result<Vec<u8>, 
         })?;
     if body.len() > limit {
         return Err(RestError::PayloadTooLarge(limit));
+    }
+    // The dispatcher forwards only whole requests; a short body means the client vanished.
+    if request
+        .body_length()
+        .is_some_and(|length| body.len() < length)
+    {
+        return Err(RestError::BadRequest(
+            "body shorter than its Content-Length".into(),
+        ));
     }
     Ok(body)
 }
