@@ -108,6 +108,9 @@ const WS_WRITE_BUFFER_SIZE: usize = 64 * 1024;
 /// pump buffers them), so no handler ever waits on a slow client.
 const REST_WORKERS: usize = 1;
 
+/// `accept`'s error when the process has no file descriptor left (Linux errno 24).
+const EMFILE: i32 = 24;
+
 /// How long the acceptor backs off after `accept` fails (out of file descriptors, say), so the
 /// failure is not retried in a hot loop; the server goes on once descriptors free up.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
@@ -604,6 +607,28 @@ fn os_connection_limit() -> usize {
     fn read_number(path: &str) -> Option<usize> {
         std::fs::read_to_string(path).ok()?.trim().parse().ok()
     }
+    let threads = [
+        read_number("/proc/sys/kernel/pid_max"),
+        read_number("/proc/sys/kernel/threads-max"),
+        read_number("/proc/sys/vm/max_map_count").map(|maps| maps / MAPS_PER_THREAD),
+    ]
+    .into_iter()
+    .flatten()
+    .min();
+    const MAPS_PER_THREAD: usize = 4;
+    let by_threads = threads.map_or(usize::MAX, |threads| (threads - reserve(threads)) / 2);
+    descriptor_budget().min(by_threads).max(1)
+}
+
+/// Threads or file descriptors kept back from connections, for the listener, tiny_http, the
+/// workers and the refusal of connections beyond the limit: 256, or a quarter of a small limit.
+fn reserve(limit: usize) -> usize {
+    (limit / 4).min(256)
+}
+
+/// File descriptors connections may use: the process's soft limit, less a reserve; unlimited
+/// when `/proc/self/limits` cannot be read.
+fn descriptor_budget() -> usize {
     // "Max open files            20000                20000                files"
     let open_files = std::fs::read_to_string("/proc/self/limits")
         .ok()
@@ -617,24 +642,7 @@ fn os_connection_limit() -> usize {
                 .parse::<usize>()
                 .ok()
         });
-    let threads = [
-        read_number("/proc/sys/kernel/pid_max"),
-        read_number("/proc/sys/kernel/threads-max"),
-        read_number("/proc/sys/vm/max_map_count").map(|maps| maps / MAPS_PER_THREAD),
-    ]
-    .into_iter()
-    .flatten()
-    .min();
-    const MAPS_PER_THREAD: usize = 4;
-    const RESERVE: usize = 256;
-    let by_files = open_files.map(|files| files.saturating_sub(RESERVE));
-    let by_threads = threads.map(|threads| threads.saturating_sub(RESERVE) / 2);
-    [by_files, by_threads]
-        .into_iter()
-        .flatten()
-        .min()
-        .unwrap_or(usize::MAX)
-        .max(1)
+    open_files.map_or(usize::MAX, |files| files - reserve(files))
 }
 
 /// `PORT` → `port`, `MAX_MESSAGE_BYTES` → `max-message-bytes`.
@@ -1581,6 +1589,8 @@ struct Shared {
     config: Config,
     broker: Broker,
     connections: Connections,
+    /// File descriptors connections may use ([`descriptor_budget`]).
+    descriptor_budget: usize,
     refusals: Refusals,
     metrics: Metrics,
     started: Instant,
@@ -1600,6 +1610,7 @@ impl Shared {
             broker: Broker::new(config.ring_size),
             config,
             connections: Connections::default(),
+            descriptor_budget: descriptor_budget(),
             refusals: Refusals::default(),
             metrics: Metrics::default(),
             started: Instant::now(),
@@ -1634,14 +1645,28 @@ struct Connections {
 struct OpenConnections {
     sockets: HashMap<u64, Arc<TcpStream>>,
     websockets: usize,
+    /// REST connections, which hold [`REST_EXTRA_DESCRIPTORS`] more descriptors each.
+    rest: usize,
 }
+
+/// Descriptors a REST connection holds beyond its socket: both ends of its unix socket to
+/// tiny_http and tiny_http's clone of its end.
+const REST_EXTRA_DESCRIPTORS: usize = 3;
 
 /// Keeps a connection in [`Connections`] while it lives, counting it against
 /// `MAX_CONNECTIONS`; dropping it (even while a panic unwinds) frees the place.
 struct Registration {
     shared: Arc<Shared>,
     id: u64,
-    websocket: bool,
+    kind: ConnectionKind,
+}
+
+/// What a connection turned out to be, once routed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ConnectionKind {
+    Unrouted,
+    WebSocket,
+    Rest,
 }
 
 impl Connections {
@@ -1659,7 +1684,7 @@ impl Connections {
         Some(Registration {
             shared: Arc::clone(shared),
             id,
-            websocket: false,
+            kind: ConnectionKind::Unrouted,
         })
     }
 
@@ -1692,7 +1717,19 @@ impl Registration {
     /// Counts this connection as a WebSocket session until it ends.
     fn mark_websocket(&mut self) {
         self.shared.connections.lock().websockets += 1;
-        self.websocket = true;
+        self.kind = ConnectionKind::WebSocket;
+    }
+
+    /// Counts this connection as REST until it ends, if the descriptors it needs are there.
+    fn mark_rest(&mut self) -> bool {
+        let mut open = self.shared.connections.lock();
+        let in_use = open.sockets.len() + REST_EXTRA_DESCRIPTORS * (open.rest + 1);
+        if in_use > self.shared.descriptor_budget {
+            return false;
+        }
+        open.rest += 1;
+        self.kind = ConnectionKind::Rest;
+        true
     }
 }
 
@@ -1701,8 +1738,10 @@ impl Drop for Registration {
         let connections = &self.shared.connections;
         let mut open = connections.lock();
         open.sockets.remove(&self.id);
-        if self.websocket {
-            open.websockets -= 1;
+        match self.kind {
+            ConnectionKind::WebSocket => open.websockets -= 1,
+            ConnectionKind::Rest => open.rest -= 1,
+            ConnectionKind::Unrouted => {}
         }
         connections.changed.notify_all();
     }
@@ -1818,6 +1857,9 @@ impl fmt::Display for Peer {
 /// file descriptors, say) is logged and backed off from; a thread that cannot be started
 /// refuses that one connection.
 fn run_acceptor(listener: TcpListener, shared: &Arc<Shared>) {
+    // A descriptor held in reserve: when the process runs out, closing it makes room to accept
+    // one waiting connection and refuse it properly, instead of leaving it in the backlog.
+    let mut spare = std::fs::File::open("/dev/null").ok();
     loop {
         let accepted = listener.accept();
         if shared.is_shutting_down() {
@@ -1825,8 +1867,16 @@ fn run_acceptor(listener: TcpListener, shared: &Arc<Shared>) {
         }
         let (stream, addr) = match accepted {
             Ok(accepted) => accepted,
+            Err(error) if error.raw_os_error() == Some(EMFILE) && spare.is_some() => {
+                drop(spare.take());
+                if let Ok((stream, _)) = listener.accept() {
+                    refuse(&stream, &shared.refusals, "out of file descriptors");
+                }
+                spare = std::fs::File::open("/dev/null").ok();
+                continue;
+            }
             Err(error) => {
-                log::warn!("accept failed: {error}; retrying in {ACCEPT_BACKOFF:?}");
+                shared.refusals.record(&format!("accept failed: {error}"));
                 thread::sleep(ACCEPT_BACKOFF);
                 continue;
             }
@@ -1928,6 +1978,14 @@ fn dispatch(
             registration.mark_websocket();
             serve_ws(socket, peer, shared)
         }
+        Route::Rest if !registration.mark_rest() => {
+            refuse(
+                socket,
+                &shared.refusals,
+                "out of file descriptors for REST connections",
+            );
+            Ok(())
+        }
         Route::Rest => proxy_to_rest(socket, peer, shared),
         Route::Closed => Ok(()),
         Route::TooLong => write_raw_error(
@@ -1999,13 +2057,14 @@ fn write_raw_error(
     message: &str,
 ) -> io::Result<()> {
     let body = error_json(code, message);
-    write!(
-        out,
+    // One write: a response split over several segments may be cut by the close that follows.
+    let response = format!(
         "HTTP/1.1 {} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         status.as_u16(),
         status.canonical_reason().unwrap_or(""),
         body.len()
-    )?;
+    );
+    out.write_all(response.as_bytes())?;
     out.flush()
 }
 
@@ -2161,7 +2220,18 @@ fn serve_ws(socket: &Arc<TcpStream>, peer: Peer, shared: &Arc<Shared>) -> io::Re
     {
         Ok(handle) => handle,
         Err(error) => {
+            // No writer exists, so this thread may write: RFC 6455 7.4.1, 1013 "try again later".
             shared.broker.close_session(session.id);
+            let mut ws =
+                WebSocket::from_raw_socket(WriterSocket(Arc::clone(socket)), Role::Server, None);
+            let reason = Utf8Bytes::from_static("server busy: cannot start a thread");
+            let _ = ws.close(Some(CloseFrame {
+                code: CloseCode::Again,
+                reason,
+            }));
+            shared
+                .refusals
+                .record(&format!("cannot start a writer thread: {error}"));
             return Err(error);
         }
     };
@@ -2709,7 +2779,23 @@ fn proxy_to_rest(client: &Arc<TcpStream>, peer: Peer, shared: &Shared) -> io::Re
                 // client (this wakes the request pump); writing stays open for its refusal.
                 let _ = client.shutdown(Shutdown::Read);
                 copied
-            })?
+            })
+    };
+    let responses = match responses {
+        Ok(handle) => handle,
+        Err(error) => {
+            // Nothing has been forwarded and nobody else writes: answer here.
+            let why = format!("cannot start a thread: {error}");
+            shared.refusals.record(&why);
+            let message = format!("server busy: {why}; retry later");
+            write_raw_error(
+                &mut &**client,
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::Internal,
+                &message,
+            )?;
+            return Err(error);
+        }
     };
     let mut pump = RequestPump {
         client,
