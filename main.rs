@@ -20,18 +20,18 @@
 //! - The WebSocket session ([`serve_ws`]): a reader that parses requests and calls the broker,
 //!   and a [`Writer`] that alone writes frames; [`Outgoing`] is what flows between them.
 //! - REST ([`run_rest_worker`], [`handle_rest`]): tiny_http workers and the route handlers,
-//!   reached through a byte pump ([`proxy_to_rest`]) because tiny_http cannot adopt a socket.
+//!   reached through a checking hand-off ([`proxy_to_rest`]) because tiny_http cannot adopt a
+//!   socket.
 //!
 //! ## Threads
 //! | thread | owns | blocks in | exits when |
 //! |---|---|---|---|
 //! | `main` | start-up, shutdown | waiting for SIGTERM/SIGINT | after shutdown |
 //! | `acceptor` | the listening socket; refusals | `accept` | shutdown flag, woken by a self-connect |
-//! | `conn-N` | one client socket: peek, then WebSocket reader or REST upload pump | socket read | peer closes, idle timeout, or `TcpStream::shutdown` from the writer or shutdown |
+//! | `conn-N` | one client socket: peek, then WebSocket reader, or REST requests relayed to tiny_http one by one | socket read | peer closes, idle timeout, or `TcpStream::shutdown` from the writer or shutdown |
 //! | `ws-writer-N` | the only writer of one WebSocket | `recv_timeout` on its queue (also the heartbeat tick), socket write | the session closes; a write blocked for `WRITE_TIMEOUT_SEC` |
-//! | `rest-out-N` | REST response pump to one client | read from tiny_http | tiny_http closes its side |
 //! | `rest-worker-N` | nothing; serves tiny_http requests | `Server::recv` | `Server::unblock` at shutdown |
-//! | tiny_http's own | its accept loop and per-connection parsers | unix socket reads | process exit |
+//! | tiny_http's own | its accept loop, and a parser per handed-off request | unix socket reads | after each request; process exit |
 //!
 //! ## Invariants
 //! - The broker does no I/O, never blocks on a queue (`try_send` only), and serializes nothing
@@ -102,11 +102,10 @@ const WS_READ_BUFFER_SIZE: usize = 2 * 1024;
 /// end of every batch of queued items sends the rest, so small batches are not delayed.
 const WS_WRITE_BUFFER_SIZE: usize = 64 * 1024;
 
-/// Threads answering REST requests: one, so that requests pipelined on one connection run in
-/// the order they were sent (RFC 9112 9.3.2), which tiny_http does not ensure across workers.
-/// One is enough: handlers take microseconds, and requests reach tiny_http whole (the request
-/// pump buffers them), so no handler ever waits on a slow client.
-const REST_WORKERS: usize = 1;
+/// Threads answering REST requests. Handlers take microseconds and requests reach tiny_http
+/// whole, so no worker ever waits on a client; requests pipelined on one connection still run
+/// in order (RFC 9112 9.3.2) because the hand-off passes them on one at a time.
+const REST_WORKERS: usize = 2;
 
 /// `accept`'s error when the process has no file descriptor left (Linux errno 24).
 const EMFILE: i32 = 24;
@@ -892,6 +891,7 @@ impl<'a> ClientRequest<'a> {
                 })?;
                 let id = required_message_id(message.id, "message.id")?;
                 let payload = message.payload.ok_or("missing field `message.payload`")?;
+                check_payload(payload, "message.payload")?;
                 Ok(Operation::Publish { topic, id, payload })
             }
             "ping" => Ok(Operation::Ping),
@@ -923,6 +923,58 @@ impl<'a> ClientRequest<'a> {
 fn non_negative(raw: &RawValue, name: &str) -> Result<u64, String> {
     serde_json::from_str::<u64>(raw.get())
         .map_err(|_| format!("field `{name}` must be a non-negative integer"))
+}
+
+/// Checks that a payload is JSON every subscriber can read back, not merely JSON by RFC 8259's
+/// grammar: nesting within 128 levels, numbers within f64, strings of valid Unicode (no lone
+/// surrogate escapes). serde_json, and many other parsers, refuse the rest, so forwarding it
+/// would hand subscribers an event they cannot read. Walks the value without building it.
+fn check_payload(payload: &RawValue, name: &str) -> Result<(), String> {
+    /// Any JSON value, deserialized in full and kept nowhere.
+    struct Readable;
+    impl<'de> Deserialize<'de> for Readable {
+        fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Readable, D::Error> {
+            // `deserialize_any` parses every string and number; serde's `IgnoredAny` would
+            // skip them (and nested values) unchecked.
+            deserializer.deserialize_any(ReadableVisitor)
+        }
+    }
+    struct ReadableVisitor;
+    impl<'de> serde::de::Visitor<'de> for ReadableVisitor {
+        type Value = Readable;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("any JSON value")
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<Readable, E> {
+            Ok(Readable)
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<Readable, E> {
+            Ok(Readable)
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<Readable, E> {
+            Ok(Readable)
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<Readable, E> {
+            Ok(Readable)
+        }
+        fn visit_str<E>(self, _: &str) -> Result<Readable, E> {
+            Ok(Readable)
+        }
+        fn visit_unit<E>(self) -> Result<Readable, E> {
+            Ok(Readable)
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Readable, A::Error> {
+            while seq.next_element::<Readable>()?.is_some() {}
+            Ok(Readable)
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Readable, A::Error> {
+            while map.next_entry::<Readable, Readable>()?.is_some() {}
+            Ok(Readable)
+        }
+    }
+    serde_json::from_str::<Readable>(payload.get())
+        .map(drop)
+        .map_err(|error| format!("field `{name}` is not JSON every client can read: {error}"))
 }
 
 /// Reads a message id: a UUID string, kept as the client spelled it.
@@ -2761,69 +2813,108 @@ impl Writer {
     }
 }
 
-/// Pumps a REST connection to tiny_http and back. tiny_http only serves connections it
-/// accepts itself and cannot adopt a socket we accepted, so it listens on a private unix socket;
-/// this thread forwards the client's requests there one by one, each checked and whole (see
-/// [`RequestPump`]), while a second thread copies the answers back. The request line is still
-/// unread (we only peeked), so tiny_http sees every request complete.
+/// Serves a REST connection through tiny_http. tiny_http only serves connections it accepts
+/// itself and cannot adopt a socket we accepted, so it listens on a private unix socket. This
+/// thread reads the client's requests one at a time, each checked and whole (see
+/// [`RequestPump`]), hands each to tiny_http on a fresh unix connection marked
+/// `Connection: close`, and relays the answer back (see [`relay_response`]) before reading the
+/// next. One request per tiny_http connection matters: tiny_http 0.12's thread pool can leave a
+/// new connection queued behind long-lived ones (its idle-thread count races), which stalled
+/// requests on keep-alive connections for as long as other clients stayed connected.
 fn proxy_to_rest(client: &Arc<TcpStream>, peer: Peer, shared: &Shared) -> io::Result<()> {
-    let backend = Arc::new(UnixStream::connect_addr(&shared.rest_addr)?);
-    let responses = {
-        let (client, backend) = (Arc::clone(client), Arc::clone(&backend));
-        thread::Builder::new()
-            .name(format!("rest-out-{}", peer.id))
-            .stack_size(CONNECTION_STACK_SIZE)
-            .spawn(move || {
-                let copied = io::copy(&mut &*backend, &mut &*client);
-                // tiny_http is done with this connection, so nothing more is read from the
-                // client (this wakes the request pump); writing stays open for its refusal.
-                let _ = client.shutdown(Shutdown::Read);
-                copied
-            })
-    };
-    let responses = match responses {
-        Ok(handle) => handle,
-        Err(error) => {
-            // Nothing has been forwarded and nobody else writes: answer here.
-            let why = format!("cannot start a thread: {error}");
-            shared.refusals.record(&why);
-            let message = format!("server busy: {why}; retry later");
-            write_raw_error(
-                &mut &**client,
-                StatusCode::SERVICE_UNAVAILABLE,
-                ErrorCode::Internal,
-                &message,
-            )?;
-            return Err(error);
-        }
-    };
     let mut pump = RequestPump {
         client,
         buf: Vec::new(),
         config: &shared.config,
     };
-    let forwarded = pump.forward_all(&backend);
-    // Tell tiny_http the client has finished; it answers what it has read, then closes.
-    let _ = backend.shutdown(Shutdown::Write);
-    let downloaded = responses
-        .join()
-        .unwrap_or_else(|_| Err(io::Error::other("response pump panicked")));
-    let result = match forwarded {
-        // Every earlier answer is out: the refusal comes last, then the connection closes.
-        Err(PumpEnd::Refused(refusal)) => {
-            log::debug!("{peer}: REST request refused: {}", refusal.message);
-            write_raw_error(
-                &mut &**client,
-                refusal.status,
-                refusal.code,
-                &refusal.message,
-            )
+    let result = loop {
+        let request = match pump.next_request() {
+            Ok(Some(request)) => request,
+            Ok(None) => break Ok(()),
+            Err(PumpEnd::Refused(refusal)) => {
+                log::debug!("{peer}: REST request refused: {}", refusal.message);
+                let (status, code) = (refusal.status, refusal.code);
+                break write_raw_error(&mut &**client, status, code, &refusal.message);
+            }
+            Err(PumpEnd::Failed(error)) => break Err(error),
+        };
+        let backend = UnixStream::connect_addr(&shared.rest_addr)?;
+        backend.set_read_timeout(Some(REST_IDLE_TIMEOUT))?;
+        (&backend).write_all(&request.bytes)?;
+        relay_response(&backend, client, request.close_after)?;
+        if request.close_after {
+            break Ok(());
         }
-        Err(PumpEnd::Failed(error)) => Err(error),
-        Ok(()) => Ok(()),
     };
     let _ = client.shutdown(Shutdown::Both);
-    result.and(downloaded.map(drop))
+    result
+}
+
+/// Copies tiny_http's answer to the client, with its `Connection` header made to say what the
+/// client asked for rather than the `close` the hand-off asked tiny_http for. tiny_http closes
+/// the unix connection after the answer, which ends the copy.
+fn relay_response(backend: &UnixStream, client: &TcpStream, close_after: bool) -> io::Result<()> {
+    let mut buf = Vec::new();
+    let head_len = loop {
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut response = httparse::Response::new(&mut headers);
+        match response.parse(&buf) {
+            Ok(httparse::Status::Complete(head_len)) => {
+                let status_line_end = buf
+                    .windows(2)
+                    .position(|pair| pair == b"\r\n")
+                    .map_or(0, |end| end + 2);
+                let mut head = buf[..status_line_end].to_vec();
+                for header in response
+                    .headers
+                    .iter()
+                    .filter(|h| !h.name.eq_ignore_ascii_case("Connection"))
+                {
+                    append_header(&mut head, header.name, header.value);
+                }
+                if close_after {
+                    append_header(&mut head, "Connection", b"close");
+                }
+                head.extend_from_slice(b"\r\n");
+                (&*client).write_all(&head)?;
+                break head_len;
+            }
+            Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD_BYTES => {
+                let mut chunk = [0u8; 8192];
+                let n = (&*backend).read(&mut chunk)?;
+                if n == 0 {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "tiny_http closed without answering",
+                    ));
+                }
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            _ => {
+                return Err(io::Error::other(
+                    "tiny_http answered with an unreadable head",
+                ))
+            }
+        }
+    };
+    (&*client).write_all(&buf[head_len..])?;
+    io::copy(&mut &*backend, &mut &*client)?;
+    Ok(())
+}
+
+fn append_header(head: &mut Vec<u8>, name: &str, value: &[u8]) {
+    head.extend_from_slice(name.as_bytes());
+    head.extend_from_slice(b": ");
+    head.extend_from_slice(value);
+    head.extend_from_slice(b"\r\n");
+}
+
+/// One checked request, ready for tiny_http.
+struct ForwardedRequest {
+    bytes: Vec<u8>,
+    /// The client asked to close after this request (`Connection: close`, or HTTP/1.0
+    /// without `keep-alive`).
+    close_after: bool,
 }
 
 /// Limits of a REST request head, checked before tiny_http sees it (it buffers heads without a
@@ -2881,32 +2972,29 @@ struct RequestPump<'a> {
 }
 
 impl RequestPump<'_> {
-    fn forward_all(&mut self, backend: &UnixStream) -> Result<(), PumpEnd> {
-        loop {
-            // Waiting for the next request on a keep-alive connection may take a while; once
-            // it has begun, the whole request must arrive within the handshake timeout.
-            self.client.set_read_timeout(Some(REST_IDLE_TIMEOUT))?;
-            if self.buf.is_empty() && !self.fill()? {
-                return Ok(());
-            }
-            let deadline = Instant::now() + self.config.handshake_timeout;
-            let request = self.read_request(deadline)?;
-            (&*backend).write_all(&request)?;
+    /// The next request, or `None` when the client closes between requests.
+    fn next_request(&mut self) -> Result<Option<ForwardedRequest>, PumpEnd> {
+        // Waiting for the next request on a keep-alive connection may take a while; once it
+        // has begun, the whole request must arrive within the handshake timeout.
+        self.client.set_read_timeout(Some(REST_IDLE_TIMEOUT))?;
+        if self.buf.is_empty() && !self.fill()? {
+            return Ok(None);
         }
+        let deadline = Instant::now() + self.config.handshake_timeout;
+        self.read_request(deadline).map(Some)
     }
 
-    /// Reads one whole request; returns the bytes to forward.
-    fn read_request(&mut self, deadline: Instant) -> Result<Vec<u8>, PumpEnd> {
-        let (head_len, head, framing, expects_continue) = loop {
+    /// Reads one whole request.
+    fn read_request(&mut self, deadline: Instant) -> Result<ForwardedRequest, PumpEnd> {
+        let (head_len, head, framing, expects_continue, close_after) = loop {
             let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
             let mut request = httparse::Request::new(&mut headers);
             match request.parse(&self.buf) {
                 Ok(httparse::Status::Complete(head_len)) => {
                     let (framing, expects_continue) = self.framing(request.headers)?;
-                    // tiny_http would answer `Expect: 100-continue` only once a handler reads
-                    // the body, which here is forwarded whole: the pump answers it instead.
-                    let head = head_without_expect(&self.buf[..head_len], request.headers);
-                    break (head_len, head, framing, expects_continue);
+                    let close_after = wants_close(request.version, request.headers);
+                    let head = forwarded_head(&self.buf[..head_len], request.headers);
+                    break (head_len, head, framing, expects_continue, close_after);
                 }
                 Ok(httparse::Status::Partial) if self.buf.len() >= MAX_HEAD_BYTES => {
                     return Err(head_too_large())
@@ -2944,10 +3032,10 @@ impl RequestPump<'_> {
             }
             BodyFraming::Chunked => self.chunked_body_len(head_len, deadline)?,
         };
-        let mut request = head;
-        request.extend_from_slice(&self.buf[head_len..head_len + body_len]);
+        let mut bytes = head;
+        bytes.extend_from_slice(&self.buf[head_len..head_len + body_len]);
         self.buf.drain(..head_len + body_len);
-        Ok(request)
+        Ok(ForwardedRequest { bytes, close_after })
     }
 
     /// The body's framing from the headers, and whether the client waits for `100 Continue`.
@@ -3105,30 +3193,36 @@ impl RequestPump<'_> {
     }
 }
 
-/// The head as sent, without its `Expect` header (the pump has answered it already).
-fn head_without_expect(head: &[u8], headers: &[httparse::Header<'_>]) -> Vec<u8> {
-    if !headers
-        .iter()
-        .any(|h| h.name.eq_ignore_ascii_case("Expect"))
-    {
-        return head.to_vec();
-    }
+/// The head as tiny_http gets it: without `Expect` (tiny_http would answer `100-continue`
+/// only once a handler reads the body, which is forwarded whole, so the pump answers it) and
+/// with `Connection: close` (one request per tiny_http connection, see [`proxy_to_rest`]).
+fn forwarded_head(head: &[u8], headers: &[httparse::Header<'_>]) -> Vec<u8> {
     let request_line_end = head
         .windows(2)
         .position(|pair| pair == b"\r\n")
         .map_or(0, |end| end + 2);
     let mut rebuilt = head[..request_line_end].to_vec();
-    for header in headers
-        .iter()
-        .filter(|h| !h.name.eq_ignore_ascii_case("Expect"))
-    {
-        rebuilt.extend_from_slice(header.name.as_bytes());
-        rebuilt.extend_from_slice(b": ");
-        rebuilt.extend_from_slice(header.value);
-        rebuilt.extend_from_slice(b"\r\n");
+    let dropped = |h: &&httparse::Header<'_>| {
+        h.name.eq_ignore_ascii_case("Expect") || h.name.eq_ignore_ascii_case("Connection")
+    };
+    for header in headers.iter().filter(|h| !dropped(h)) {
+        append_header(&mut rebuilt, header.name, header.value);
     }
+    append_header(&mut rebuilt, "Connection", b"close");
     rebuilt.extend_from_slice(b"\r\n");
     rebuilt
+}
+
+/// Whether the client wants the connection closed after this request (RFC 9112 9.3).
+fn wants_close(version: Option<u8>, headers: &[httparse::Header<'_>]) -> bool {
+    let tokens = headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("Connection"))
+        .flat_map(|h| h.value.split(|&b| b == b','))
+        .map(|token| token.trim_ascii().to_ascii_lowercase())
+        .collect::<Vec<_>>();
+    let has = |token: &[u8]| tokens.iter().any(|t| t == token);
+    has(b"close") || (version == Some(0) && !has(b"keep-alive"))
 }
 
 fn head_too_large() -> PumpEnd {
@@ -3540,6 +3634,7 @@ fn publish_over_http(name: &str, body: &[u8], shared: &Shared) -> Result<RestRep
     let payload = message
         .payload
         .ok_or_else(|| RestError::BadRequest("missing field `payload`".into()))?;
+    check_payload(payload, "payload").map_err(RestError::BadRequest)?;
     let id = match message.id {
         None => uuid::Uuid::new_v4().to_string(),
         Some(id) => required_message_id(Some(id), "id").map_err(RestError::BadRequest)?,
@@ -4078,6 +4173,30 @@ mod tests {
             ),
         };
         assert_eq!(actual, expected, "input: {input}");
+    }
+
+    #[test]
+    fn payloads_must_be_json_every_client_can_read() {
+        let publish = |payload: &str| {
+            format!(
+                r#"{{"type":"publish","topic":"t","message":{{"id":"9b2f8a4e-1c3d-4e5f-8a6b-7c8d9e0f1a2b","payload":{payload}}}}}"#
+            )
+        };
+        let refused = |payload: &str| ClientRequest::parse(&publish(payload)).is_err();
+        assert!(refused(r#""\ud800""#), "a lone surrogate");
+        assert!(refused(r#"{"a":["\udfff"]}"#), "a lone surrogate, nested");
+        assert!(refused("1e400"), "a number beyond f64");
+        assert!(
+            refused(&format!("{}1{}", "[".repeat(200), "]".repeat(200))),
+            "200 levels"
+        );
+        assert!(
+            !refused(&format!("{}1{}", "[".repeat(100), "]".repeat(100))),
+            "100 levels"
+        );
+        assert!(!refused(
+            r#"{"ok":"\ud83d\ude00","n":123456789012345678901234567890,"f":-0.0}"#
+        ));
     }
 
     #[test]
