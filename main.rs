@@ -930,50 +930,68 @@ fn non_negative(raw: &RawValue, name: &str) -> Result<u64, String> {
 /// surrogate escapes). serde_json, and many other parsers, refuse the rest, so forwarding it
 /// would hand subscribers an event they cannot read. Walks the value without building it.
 fn check_payload(payload: &RawValue, name: &str) -> Result<(), String> {
-    /// Any JSON value, deserialized in full and kept nowhere.
-    struct Readable;
-    impl<'de> Deserialize<'de> for Readable {
-        fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Readable, D::Error> {
-            // `deserialize_any` parses every string and number; serde's `IgnoredAny` would
-            // skip them (and nested values) unchecked.
-            deserializer.deserialize_any(ReadableVisitor)
+    use serde::de::{DeserializeSeed, Error, MapAccess, SeqAccess, Visitor};
+    /// An event nests its payload inside two objects (event, message), and serde_json reads
+    /// at most 127 nested levels, so a payload may nest 125.
+    const MAX_PAYLOAD_DEPTH: usize = 125;
+    /// Any JSON value at this depth, read in full and kept nowhere. `deserialize_any` parses
+    /// every string and number, where serde's `IgnoredAny` would skip them unchecked.
+    struct Readable(usize);
+    impl<'de> DeserializeSeed<'de> for Readable {
+        type Value = ();
+        fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+            deserializer.deserialize_any(self)
         }
     }
-    struct ReadableVisitor;
-    impl<'de> serde::de::Visitor<'de> for ReadableVisitor {
-        type Value = Readable;
+    impl<'de> Visitor<'de> for Readable {
+        type Value = ();
         fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
             f.write_str("any JSON value")
         }
-        fn visit_bool<E>(self, _: bool) -> Result<Readable, E> {
-            Ok(Readable)
+        fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+            Ok(())
         }
-        fn visit_i64<E>(self, _: i64) -> Result<Readable, E> {
-            Ok(Readable)
+        fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+            Ok(())
         }
-        fn visit_u64<E>(self, _: u64) -> Result<Readable, E> {
-            Ok(Readable)
+        fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+            Ok(())
         }
-        fn visit_f64<E>(self, _: f64) -> Result<Readable, E> {
-            Ok(Readable)
+        fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+            Ok(())
         }
-        fn visit_str<E>(self, _: &str) -> Result<Readable, E> {
-            Ok(Readable)
+        fn visit_str<E>(self, _: &str) -> Result<(), E> {
+            Ok(())
         }
-        fn visit_unit<E>(self) -> Result<Readable, E> {
-            Ok(Readable)
+        fn visit_unit<E>(self) -> Result<(), E> {
+            Ok(())
         }
-        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Readable, A::Error> {
-            while seq.next_element::<Readable>()?.is_some() {}
-            Ok(Readable)
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+            let inner = self.nested::<A::Error>()?;
+            while seq.next_element_seed(Readable(inner))?.is_some() {}
+            Ok(())
         }
-        fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Readable, A::Error> {
-            while map.next_entry::<Readable, Readable>()?.is_some() {}
-            Ok(Readable)
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+            let inner = self.nested::<A::Error>()?;
+            while map.next_key::<&str>()?.is_some() {
+                map.next_value_seed(Readable(inner))?;
+            }
+            Ok(())
         }
     }
-    serde_json::from_str::<Readable>(payload.get())
-        .map(drop)
+    impl Readable {
+        fn nested<E: Error>(&self) -> Result<usize, E> {
+            if self.0 >= MAX_PAYLOAD_DEPTH {
+                return Err(E::custom(format!(
+                    "nested deeper than {MAX_PAYLOAD_DEPTH} levels"
+                )));
+            }
+            Ok(self.0 + 1)
+        }
+    }
+    let mut deserializer = serde_json::Deserializer::from_str(payload.get());
+    Readable(0)
+        .deserialize(&mut deserializer)
         .map_err(|error| format!("field `{name}` is not JSON every client can read: {error}"))
 }
 
@@ -1921,9 +1939,12 @@ fn run_acceptor(listener: TcpListener, shared: &Arc<Shared>) {
             Ok(accepted) => accepted,
             Err(error) if error.raw_os_error() == Some(EMFILE) && spare.is_some() => {
                 drop(spare.take());
+                // Only a connection already waiting is refused; none may be by now.
+                let _ = listener.set_nonblocking(true);
                 if let Ok((stream, _)) = listener.accept() {
                     refuse(&stream, &shared.refusals, "out of file descriptors");
                 }
+                let _ = listener.set_nonblocking(false);
                 spare = std::fs::File::open("/dev/null").ok();
                 continue;
             }
@@ -2025,10 +2046,12 @@ fn dispatch(
 ) -> io::Result<()> {
     socket.set_nodelay(true)?;
     socket.set_write_timeout(Some(shared.config.write_timeout))?;
-    match peek_route(socket, Instant::now() + shared.config.handshake_timeout)? {
+    // One deadline for the request line and the WebSocket handshake together.
+    let handshake_deadline = Instant::now() + shared.config.handshake_timeout;
+    match peek_route(socket, handshake_deadline)? {
         Route::WebSocket => {
             registration.mark_websocket();
-            serve_ws(socket, peer, shared)
+            serve_ws(socket, peer, shared, handshake_deadline)
         }
         Route::Rest if !registration.mark_rest() => {
             refuse(
@@ -2138,10 +2161,25 @@ fn error_json(code: ErrorCode, message: &str) -> String {
 struct ReaderSocket {
     socket: Arc<TcpStream>,
     handshake_done: bool,
+    /// When the handshake must be complete: each read before then gets only the time left,
+    /// so headers that trickle in cannot stretch it.
+    handshake_deadline: Instant,
 }
 
 impl Read for ReaderSocket {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if !self.handshake_done {
+            let remaining = self
+                .handshake_deadline
+                .saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "handshake not completed in time",
+                ));
+            }
+            self.socket.set_read_timeout(Some(remaining))?;
+        }
         (&*self.socket).read(buf)
     }
 }
@@ -2193,11 +2231,17 @@ struct Session<'a> {
 
 /// Serves one WebSocket connection: handshake, then this thread reads requests while a writer
 /// thread sends everything queued for the connection.
-fn serve_ws(socket: &Arc<TcpStream>, peer: Peer, shared: &Arc<Shared>) -> io::Result<()> {
+fn serve_ws(
+    socket: &Arc<TcpStream>,
+    peer: Peer,
+    shared: &Arc<Shared>,
+    handshake_deadline: Instant,
+) -> io::Result<()> {
     let config = &shared.config;
     let reader_socket = ReaderSocket {
         socket: Arc::clone(socket),
         handshake_done: false,
+        handshake_deadline,
     };
     let authorize = UpgradeAuth { config };
     let mut ws = match tungstenite::accept_hdr_with_config(
@@ -3001,7 +3045,7 @@ impl RequestPump<'_> {
                 }
                 Ok(httparse::Status::Partial) => self.fill_before(deadline)?,
                 Err(httparse::Error::TooManyHeaders) => return Err(head_too_large()),
-                Err(httparse::Error::Version) => {
+                Err(httparse::Error::Version) if names_another_http_version(&self.buf) => {
                     let message = "only HTTP/1.0 and HTTP/1.1 are served here";
                     return Err(refusal(
                         StatusCode::HTTP_VERSION_NOT_SUPPORTED,
@@ -3211,6 +3255,23 @@ fn forwarded_head(head: &[u8], headers: &[httparse::Header<'_>]) -> Vec<u8> {
     append_header(&mut rebuilt, "Connection", b"close");
     rebuilt.extend_from_slice(b"\r\n");
     rebuilt
+}
+
+/// Whether a request line ends in a well-formed version other than 1.0 and 1.1, such as
+/// `HTTP/2.0` (505); anything else that httparse calls a bad version is a malformed line (400).
+fn names_another_http_version(head: &[u8]) -> bool {
+    let line = head
+        .split(|&b| b == b'\n')
+        .next()
+        .unwrap_or_default()
+        .trim_ascii();
+    let words: Vec<&[u8]> = line.split(|&b| b == b' ').collect();
+    matches!(words.as_slice(), [_, _, version]
+        if version.len() == 8
+            && version.starts_with(b"HTTP/")
+            && version[5].is_ascii_digit()
+            && version[6] == b'.'
+            && version[7].is_ascii_digit())
 }
 
 /// Whether the client wants the connection closed after this request (RFC 9112 9.3).
