@@ -5,10 +5,16 @@
 #   2. cargo build --release, start the binary on a free loopback port and
 #      smoke-test it with curl and wscat (every REST endpoint, subscribe,
 #      publish -> event, unsubscribe, ping/pong, an error, SIGTERM)
-#   3. docker-compose config           (when docker-compose is installed)
-#   4. Docker (when an engine answers): an image from the Dockerfile's final
+#   3. operate it and try it: a second server with API_KEY set; the console
+#      in headless Chromium (tests/browser/console.mjs, when Chromium and
+#      playwright-core are installed); a real scrape of /metrics through
+#      `promtool check metrics` (when promtool is installed); the key on
+#      /metrics; the binary's own `healthcheck` subcommand
+#   4. docker-compose config           (when docker-compose is installed)
+#   5. Docker (when an engine answers): an image from the Dockerfile's final
 #      stage around a musl binary built here; the same smoke test against it;
-#      image metadata and size; `docker stop` timing and exit code
+#      image metadata and size; the image's HEALTHCHECK turning `healthy`;
+#      `docker stop` timing and exit code
 #
 # Every check prints `ok - NAME` or `not ok - NAME: DETAIL`; the last line is
 # `N passed, M failed` and the exit status is non-zero when M > 0. Logs of the
@@ -17,6 +23,9 @@
 #
 # Needs: cargo, curl, node + wscat (installed with npm when missing), and for
 # the Docker part a running engine plus the x86_64-unknown-linux-musl target.
+# Optional outside CI (a clear SKIP line when missing, a failure when CI=true):
+# promtool (Debian's prometheus), Debian's chromium and playwright-core in
+# tests/browser/node_modules (npm install --prefix tests/browser).
 # .ci/run installs all of that on a fresh Debian machine.
 
 set -euo pipefail
@@ -35,6 +44,8 @@ BIN_NAME=pubsub-backend
 START_DEADLINE=20   # server start-up until the "listening on" line
 REPLY_DEADLINE=10   # one WebSocket reply
 EXIT_DEADLINE=15    # process exit after SIGTERM (the verdict uses STOP_BOUND)
+HEALTH_DEADLINE=30  # a new container until its HEALTHCHECK says healthy
+BROWSER_TIMEOUT=120 # the whole browser test, Chromium's start included
 # A hung test must not hang CI: the whole suite, build included, normally
 # takes one to two minutes on a cold 2-core machine.
 CARGO_TEST_TIMEOUT=300
@@ -53,6 +64,10 @@ DOCKER_STOP_TIMEOUT=10
 # expected, so anything beyond this means something else slipped in.
 IMAGE_MAX_BYTES=$((20 * 1024 * 1024))
 
+# The browser test (a Node script) and the browser it drives.
+BROWSER_DIR=tests/browser
+CHROMIUM=${CHROMIUM:-/usr/bin/chromium}
+
 IMAGE_TAG=$BIN_NAME:test-sh-$$
 CONTAINER=$BIN_NAME-test-sh-$$
 
@@ -63,6 +78,7 @@ FAILED=0
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/pubsub-test.XXXXXX")
 SERVER_PID=""
 CONTAINER_STARTED=""
+CONTAINER_RUN_AT=""
 IMAGE_BUILT=""
 declare -A WS_PID=() WS_FD=()
 
@@ -307,20 +323,25 @@ listening_port() {
   grep -oE 'listening on [^ ]*:[0-9]+' "$1" 2>/dev/null | head -n 1 | grep -oE '[0-9]+$'
 }
 
+# server_listening LOGFILE
 server_listening() {
   kill -0 "$SERVER_PID" 2>/dev/null || return 2
-  [[ -n $(listening_port "$LOG_DIR/server.log") ]]
+  [[ -n $(listening_port "$1") ]]
 }
 
+# start_server LABEL LOGFILE [NAME=VALUE...]: the release binary on a free
+# loopback port, with the given settings on top of the clean environment.
+# LABEL prefixes the check's name; BASE becomes the server's URL.
 start_server() {
-  local bin=$TARGET_DIR/release/$BIN_NAME
-  server_env HOST=127.0.0.1 PORT=0 "$bin" </dev/null 2>"$LOG_DIR/server.log" >&2 &
+  local label=$1 log=$2 bin=$TARGET_DIR/release/$BIN_NAME
+  shift 2
+  server_env HOST=127.0.0.1 PORT=0 "$@" "$bin" </dev/null 2>"$log" >&2 &
   SERVER_PID=$!
-  if wait_until "$START_DEADLINE" server_listening; then
-    BASE=http://127.0.0.1:$(listening_port "$LOG_DIR/server.log")
-    pass "server starts and logs its address ($BASE)"
+  if wait_until "$START_DEADLINE" server_listening "$log"; then
+    BASE=http://127.0.0.1:$(listening_port "$log")
+    pass "${label}server starts and logs its address ($BASE)"
   else
-    fail "server starts" "no 'listening on 127.0.0.1:PORT' line within ${START_DEADLINE}s; log: $(tail -c 500 "$LOG_DIR/server.log")"
+    fail "${label}server starts" "no 'listening on 127.0.0.1:PORT' line within ${START_DEADLINE}s; log: $(tail -c 500 "$log")"
     return 1
   fi
 }
@@ -439,14 +460,163 @@ step_release_smoke() {
   pass "cargo build --release"
   if ! command -v curl >/dev/null; then fail "curl" "not installed; smoke test not run"; return 0; fi
   if ! ensure_wscat; then fail "wscat" "missing and npm install -g wscat failed; smoke test not run"; return 0; fi
-  start_server || return 0
+  start_server "" "$LOG_DIR/server.log" || return 0
   smoke "" host-
   watch_shutdown host-
   stop_server
   check_shutdown_notice "" host-
 }
 
-# ---- 3. docker-compose.yml --------------------------------------------------
+# ---- 3. operate it and try it ----------------------------------------------
+#
+# A second release server, with API_KEY set as in production: the browser
+# test drives its console and leaves real traffic behind, which the scrape
+# then shows and promtool checks.
+
+OPS_KEY=""        # the API key of that server
+BROWSER_RAN=""    # 1 once the browser test passed: its traffic is in the scrape
+
+# browser_missing: what the browser test needs and is not installed, or nothing.
+browser_missing() {
+  local missing=()
+  [[ -x $CHROMIUM ]] || missing+=("$CHROMIUM (apt-get install chromium)")
+  command -v node >/dev/null || missing+=("node")
+  [[ -f $BROWSER_DIR/node_modules/playwright-core/package.json ]] ||
+    missing+=("playwright-core (npm install --prefix $BROWSER_DIR)")
+  local IFS=","
+  echo "${missing[*]}"
+}
+
+# browser_test: tests/browser/console.mjs against $BASE. Its `ok - ` and
+# `not ok - ` lines are this script's checks; it saves the console's
+# screenshot to tests/browser/console.png, and on a failure one of each page
+# to $LOG_DIR.
+browser_test() {
+  local missing rc=0 line oks=0 not_oks=0 log=$LOG_DIR/browser.log
+  missing=$(browser_missing)
+  if [[ -n $missing ]]; then
+    if [[ ${CI:-} == true ]]; then
+      fail "browser test" "missing ${missing//,/, }, and CI=true: .ci/run should have installed it"
+    else
+      skip "browser test: missing ${missing//,/, }"
+    fi
+    return 0
+  fi
+  note "headless Chromium drives the console (log: $log)"
+  ARTIFACTS_DIR=$LOG_DIR CHROMIUM=$CHROMIUM timeout -k 5 "$BROWSER_TIMEOUT" \
+    node "$BROWSER_DIR/console.mjs" "$BASE" "$OPS_KEY" </dev/null >"$log" 2>&1 || rc=$?
+  while IFS= read -r line; do
+    case $line in
+      "ok - "*)
+        PASSED=$((PASSED + 1)) oks=$((oks + 1))
+        echo "$line"
+        ;;
+      "not ok - "*)
+        FAILED=$((FAILED + 1)) not_oks=$((not_oks + 1))
+        echo "$line"
+        ;;
+      "# "*) echo "$line" ;;
+    esac
+  done <"$log"
+  if [[ $rc -eq 124 || $rc -eq 137 ]]; then
+    fail "browser test" "timed out after ${BROWSER_TIMEOUT}s; its log ends with:"$'\n'"$(tail -n 10 "$log")"
+  elif [[ $rc -ne 0 && $not_oks -eq 0 ]]; then
+    fail "browser test" "exit code $rc without a failed check; its log ends with:"$'\n'"$(tail -n 10 "$log")"
+  elif [[ $rc -eq 0 && $oks -eq 0 ]]; then
+    fail "browser test" "exited 0 without a single check; see $log"
+  elif [[ $rc -eq 0 ]]; then
+    BROWSER_RAN=1
+  fi
+}
+
+# scrape_metrics [CURL ARGS...]: GET /metrics; status in HTTP_STATUS, body in
+# $TMP/metrics.txt, headers in $TMP/metrics.headers.
+scrape_metrics() {
+  HTTP_STATUS=$(curl -sS -o "$TMP/metrics.txt" -D "$TMP/metrics.headers" -w '%{http_code}' \
+    --max-time 5 "$@" "$BASE/metrics" 2>"$TMP/curl.err") ||
+    HTTP_STATUS="curl failed: $(tr '\n' ' ' <"$TMP/curl.err")"
+}
+
+# sample NAME: the value of the unlabelled series NAME in the last scrape.
+sample() { awk -v name="$1" '$1 == name { print $2 }' "$TMP/metrics.txt"; }
+
+metrics_checks() {
+  scrape_metrics
+  check "operate: GET /metrics without the key is 401" "got $HTTP_STATUS: $(head -c 200 "$TMP/metrics.txt")" \
+    test "$HTTP_STATUS" = 401
+  scrape_metrics -H "Authorization: Bearer $OPS_KEY"
+  if [[ $HTTP_STATUS != 200 ]]; then
+    fail "operate: GET /metrics with Authorization: Bearer KEY" "got $HTTP_STATUS: $(head -c 300 "$TMP/metrics.txt")"
+    return 0
+  fi
+  cp "$TMP/metrics.txt" "$LOG_DIR/metrics.txt"
+  check "operate: GET /metrics with Authorization: Bearer KEY is text/plain; version=0.0.4" \
+    "headers: $(tr '\r\n' '  ' <"$TMP/metrics.headers")" \
+    grep -qiE '^Content-Type:[[:space:]]*text/plain;[[:space:]]*version=0\.0\.4' "$TMP/metrics.headers"
+  if command -v promtool >/dev/null; then
+    local samples name
+    samples=$(grep -vc '^#' "$LOG_DIR/metrics.txt")
+    name="operate: promtool check metrics accepts a real scrape ($samples samples, $LOG_DIR/metrics.txt)"
+    if promtool check metrics <"$TMP/metrics.txt" >"$TMP/promtool.out" 2>&1; then
+      pass "$name"
+    else
+      fail "$name" "promtool says:"$'\n'"$(head -n 10 "$TMP/promtool.out")"
+    fi
+  elif [[ ${CI:-} == true ]]; then
+    fail "promtool check metrics" "promtool is not installed, and CI=true: .ci/run should have installed Debian's prometheus"
+  else
+    skip "promtool: not installed (apt-get install prometheus); the scrape was not checked with promtool"
+  fi
+  [[ -n $BROWSER_RAN ]] || return 0
+  # The browser published 3 messages, every subscriber read every event: each
+  # event delivered was written and timed.
+  local published delivered timed
+  published=$(sample pubsub_messages_published_total)
+  delivered=$(sample pubsub_events_delivered_total)
+  timed=$(sample pubsub_publish_to_write_seconds_count)
+  check "operate: the scrape counts the browser's 3 publishes and times each of its $delivered events" \
+    "published $published, delivered $delivered, histogram count $timed" \
+    test "$published:$timed" = "3:$delivered"
+}
+
+# healthcheck_rc PORT: exit code of the binary's probe of 127.0.0.1:PORT in
+# HC_RC, its stderr in $TMP/healthcheck.err.
+healthcheck_rc() {
+  HC_RC=0
+  env -i PATH="$PATH" HOST=127.0.0.1 PORT="$1" timeout 10 "$TARGET_DIR/release/$BIN_NAME" healthcheck \
+    </dev/null >/dev/null 2>"$TMP/healthcheck.err" || HC_RC=$?
+}
+
+# quiet_stop_server: SIGTERM and reap, without a verdict (step 2 judges that).
+quiet_stop_server() {
+  kill -TERM "$SERVER_PID" 2>/dev/null || true
+  wait_until "$EXIT_DEADLINE" process_gone "$SERVER_PID" || kill -KILL "$SERVER_PID" 2>/dev/null || true
+  wait "$SERVER_PID" 2>/dev/null || true
+  SERVER_PID=""
+}
+
+step_operate() {
+  local port
+  if [[ ! -x $TARGET_DIR/release/$BIN_NAME ]]; then
+    fail "operate" "no release binary (see cargo build --release above)"
+    return 0
+  fi
+  OPS_KEY=ops-$(cat /proc/sys/kernel/random/uuid)
+  start_server "operate: API_KEY " "$LOG_DIR/server-operate.log" API_KEY="$OPS_KEY" || return 0
+  port=${BASE##*:}
+  healthcheck_rc "$port"
+  check "operate: \`$BIN_NAME healthcheck\` exits 0 against the running server" \
+    "exit $HC_RC: $(cat "$TMP/healthcheck.err")" test "$HC_RC:$(cat "$TMP/healthcheck.err")" = 0:
+  browser_test
+  metrics_checks
+  quiet_stop_server
+  healthcheck_rc "$port"
+  check "operate: \`$BIN_NAME healthcheck\` fails with a message once the server is gone (exit $HC_RC: $(head -n 1 "$TMP/healthcheck.err"))" \
+    "exit $HC_RC, stderr: $(cat "$TMP/healthcheck.err")" \
+    test "$HC_RC" -ne 0 -a "$HC_RC" -ne 124 -a -s "$TMP/healthcheck.err"
+}
+
+# ---- 4. docker-compose.yml --------------------------------------------------
 
 step_compose_config() {
   if ! command -v docker-compose >/dev/null; then
@@ -458,7 +628,7 @@ step_compose_config() {
     docker-compose -f docker-compose.yml config -q
 }
 
-# ---- 4. the Docker image ----------------------------------------------------
+# ---- 5. the Docker image ----------------------------------------------------
 
 # final_stage_dockerfile: the Dockerfile from its last FROM on, with the one
 # `COPY --from=... SRC DEST` replaced by `COPY pubsub-backend DEST`, so that
@@ -525,7 +695,7 @@ env_has() {
 }
 
 check_image_metadata() {
-  local user env ports entrypoint size
+  local user env ports entrypoint healthcheck size
   user=$(inspect_image '{{.Config.User}}')
   env=$(inspect_image '{{range .Config.Env}}{{.}} {{end}}')
   ports=$(inspect_image '{{json .Config.ExposedPorts}}')
@@ -537,6 +707,9 @@ check_image_metadata() {
   check "image exposes 8000/tcp" "ExposedPorts: $ports" test "$ports" = '{"8000/tcp":{}}'
   check "image entrypoint is the binary in exec form" "Entrypoint: $entrypoint" \
     test "$entrypoint" = "[\"/$BIN_NAME\"]"
+  healthcheck=$(inspect_image '{{if .Config.Healthcheck}}{{json .Config.Healthcheck.Test}}{{end}}')
+  check "image HEALTHCHECK runs the binary itself ($healthcheck)" "Healthcheck.Test: '$healthcheck'" \
+    test "$healthcheck" = "[\"CMD\",\"/$BIN_NAME\",\"healthcheck\"]"
   check "image size $(awk -v s="$size" 'BEGIN { printf "%.2f MiB", s / 1048576 }') is under $((IMAGE_MAX_BYTES / 1048576)) MiB" \
     "$size bytes" test "$size" -lt "$IMAGE_MAX_BYTES"
 }
@@ -547,15 +720,24 @@ container_listening() {
   [[ -n $(listening_port "$LOG_DIR/container.log") ]]
 }
 
+# free_port: a port of 127.0.0.1 that nothing listens on (the OS picks it).
+free_port() {
+  node -e 'const s = require("net").createServer().listen(0, "127.0.0.1", () => { console.log(s.address().port); s.close(); });'
+}
+
 # The container shares the host's network namespace (--network host) and
-# binds 127.0.0.1 on a port the OS picks: no port clash with anything on this
-# machine, and the test traffic stays on loopback instead of going to the
-# bridge network's private addresses. The image's own HOST/PORT defaults are
-# checked in its metadata above.
+# binds 127.0.0.1 on a port the OS picked free: no port clash with anything
+# on this machine, and the test traffic stays on loopback instead of going to
+# the bridge network's private addresses. The port is fixed before the start
+# (not PORT=0) because the image's HEALTHCHECK probes $PORT. The image's own
+# HOST/PORT defaults are checked in its metadata above.
 start_container() {
+  local port
+  port=$(free_port)
   docker rm -f "$CONTAINER" >/dev/null 2>&1 || true
+  CONTAINER_RUN_AT=$(now)
   if ! docker run -d --name "$CONTAINER" --network host \
-    -e HOST=127.0.0.1 -e PORT=0 -e SHUTDOWN_GRACE_SEC="$SHUTDOWN_GRACE_SEC" \
+    -e HOST=127.0.0.1 -e PORT="$port" -e SHUTDOWN_GRACE_SEC="$SHUTDOWN_GRACE_SEC" \
     "$IMAGE_TAG" >"$TMP/run.out" 2>&1; then
     fail "docker run" "$(cat "$TMP/run.out")"
     return 1
@@ -576,6 +758,23 @@ check_container_user() {
   pid=$(docker inspect -f '{{.State.Pid}}' "$CONTAINER")
   uid=$(awk '/^Uid:/ { print $2 }' "/proc/$pid/status" 2>/dev/null || echo unknown)
   check "container process runs as uid 65534 (uid $uid)" "uid is $uid" test "$uid" = 65534
+}
+
+container_health() {
+  docker inspect -f '{{if .State.Health}}{{.State.Health.Status}}{{else}}no health status{{end}}' "$CONTAINER" 2>/dev/null
+}
+container_healthy() { [[ $(container_health) == healthy ]]; }
+
+# The image's HEALTHCHECK (the binary probing its own /health, every 10 s)
+# must find the running container healthy: a FROM scratch image has no shell
+# or curl that could do it instead.
+check_container_health() {
+  if wait_until "$HEALTH_DEADLINE" container_healthy; then
+    pass "docker: the image's HEALTHCHECK reports the container healthy ($(elapsed_since "$CONTAINER_RUN_AT")s after docker run)"
+  else
+    fail "docker: the image's HEALTHCHECK reports the container healthy" \
+      "still '$(container_health)' after ${HEALTH_DEADLINE}s; probes: $(docker inspect -f '{{if .State.Health}}{{range .State.Health.Log}}[exit {{.ExitCode}}] {{.Output}} {{end}}{{end}}' "$CONTAINER" 2>&1 | tr '\n' ' ' | tail -c 400)"
+  fi
 }
 
 stop_container() {
@@ -604,9 +803,35 @@ step_docker() {
   if ! command -v wscat >/dev/null; then fail "wscat" "missing; container smoke test not run"; return 0; fi
   start_container || return 0
   smoke "docker: " docker-
+  check_container_health
   watch_shutdown docker-
   stop_container
   check_shutdown_notice "docker: " docker-
+}
+
+# ---- 5. long soak (only with LONG_SOAK_SECS set) -----------------------------
+
+# LONG_SOAK_SECS=600 ./test.sh also runs the churn soak of tests/it/soak.rs
+# for that many seconds (the normal suite runs it for 30): clients connecting,
+# subscribing, publishing and vanishing, then threads, descriptors, memory and
+# /health counts checked back at their idle baseline.
+step_long_soak() {
+  [[ -n ${LONG_SOAK_SECS:-} ]] || return 0
+  local log=$LOG_DIR/long-soak.log rc=0
+  local test=soak::churn_leaves_no_thread_descriptor_subscription_or_memory_behind
+  if [[ ! $LONG_SOAK_SECS =~ ^[0-9]+$ ]]; then
+    fail "long soak" "LONG_SOAK_SECS=$LONG_SOAK_SECS is not a number of seconds"
+    return 0
+  fi
+  note "long soak: ${LONG_SOAK_SECS}s (log: $log)"
+  SOAK_SECS=$LONG_SOAK_SECS timeout -k 10 $((LONG_SOAK_SECS + 300)) \
+    cargo test --test it -- --exact "$test" --nocapture </dev/null >"$log" 2>&1 || rc=$?
+  if [[ $rc -eq 0 ]] && grep -q '^test result: ok. 1 passed' "$log"; then
+    pass "long soak: ${LONG_SOAK_SECS}s of churn, back to idle ($(grep -m1 -oE '[0-9]+ connections' "$log"))"
+  else
+    fail "long soak" "exit code $rc after up to ${LONG_SOAK_SECS}s"
+    print_cargo_failures "$log"
+  fi
 }
 
 # ---- main -------------------------------------------------------------------
@@ -616,8 +841,10 @@ main() {
   mkdir -p "$LOG_DIR"
   step_cargo_test
   step_release_smoke
+  step_operate
   step_compose_config
   step_docker
+  step_long_soak
   echo "$PASSED passed, $FAILED failed"
   [[ $FAILED -eq 0 ]]
 }

@@ -16,18 +16,22 @@ const START_UP_REFUSAL_DEADLINE: Duration = Duration::from_secs(5);
 /// How often [`wait_until`] re-checks its condition.
 const POLL_INTERVAL: Duration = Duration::from_millis(10);
 
-/// Every variable the server reads (SPEC section 1). They are removed from the inherited
-/// environment so that a developer's shell cannot change what a test sees.
-pub const CONFIG_VARIABLES: [&str; 10] = [
+/// Every variable the server reads (SPEC section 1 and the issues since). They are removed from
+/// the inherited environment so that a developer's shell cannot change what a test sees.
+pub const CONFIG_VARIABLES: [&str; 14] = [
     "HOST",
     "PORT",
     "RING_SIZE",
     "QUEUE_SIZE",
     "LOG_LEVEL",
     "HEARTBEAT_SEC",
+    "HANDSHAKE_TIMEOUT_SEC",
     "SHUTDOWN_GRACE_SEC",
     "WRITE_TIMEOUT_SEC",
     "MAX_MESSAGE_BYTES",
+    "MAX_CONNECTIONS",
+    "CORS_ORIGINS",
+    "CONSOLE",
     "API_KEY",
 ];
 
@@ -53,7 +57,22 @@ impl Server {
 
     /// Starts the server with `overrides` on top of the test defaults and waits until it listens.
     pub fn start_with(overrides: &[(&str, &str)]) -> Server {
-        let mut child = server_command(overrides)
+        Server::launch(server_command(overrides))
+    }
+
+    /// Starts the server through `wrapper`, a command that ends by exec'ing the binary given as
+    /// its last argument (such as `["prlimit", "--nofile=128:128", "--"]`), so that the process,
+    /// and [`Server::pid`], are the server's own.
+    pub fn start_wrapped(wrapper: &[&str], overrides: &[(&str, &str)]) -> Server {
+        let (program, args) = wrapper.split_first().expect("an empty wrapper");
+        let mut command = Command::new(program);
+        command.args(args).arg(env!("CARGO_BIN_EXE_pubsub-backend"));
+        configure(&mut command, overrides);
+        Server::launch(command)
+    }
+
+    fn launch(mut command: Command) -> Server {
+        let mut child = command
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -69,6 +88,39 @@ impl Server {
         };
         server.addr = server.await_listening_address();
         server
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether the process is still running (it has not exited or been killed).
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// The server's threads, open file descriptors and resident memory, from `/proc`.
+    pub fn usage(&self) -> Usage {
+        let pid = self.pid();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_else(|error| panic!("cannot read /proc/{pid}/status: {error}"));
+        let field = |name: &str| -> u64 {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix(name))
+                .and_then(|value| value.split_whitespace().next())
+                .and_then(|value| value.parse().ok())
+                .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
+        };
+        let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap_or_else(|error| panic!("cannot list /proc/{pid}/fd: {error}"))
+            .count();
+        Usage {
+            threads: field("Threads:") as usize,
+            fds,
+            rss_kib: field("VmRSS:"),
+        }
     }
 
     /// A copy of the stderr lines logged so far.
@@ -135,6 +187,16 @@ impl Drop for Server {
     }
 }
 
+/// What `/proc` says a process holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    pub threads: usize,
+    /// Open file descriptors (entries of `/proc/PID/fd`).
+    pub fds: usize,
+    /// Resident memory (`VmRSS`), in KiB.
+    pub rss_kib: u64,
+}
+
 /// What a process that ran to its end printed, and how it ended.
 #[derive(Debug)]
 pub struct Finished {
@@ -186,6 +248,12 @@ pub fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
 /// The binary with a clean configuration: test defaults, then `overrides`.
 fn server_command(overrides: &[(&str, &str)]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_pubsub-backend"));
+    configure(&mut command, overrides);
+    command
+}
+
+/// Gives `command` a clean configuration: test defaults, then `overrides`.
+fn configure(command: &mut Command, overrides: &[(&str, &str)]) {
     for variable in CONFIG_VARIABLES {
         command.env_remove(variable);
     }
@@ -193,7 +261,6 @@ fn server_command(overrides: &[(&str, &str)]) -> Command {
         .envs([("HOST", "127.0.0.1"), ("PORT", "0"), ("LOG_LEVEL", "DEBUG")])
         .envs(overrides.iter().copied())
         .stdin(Stdio::null());
-    command
 }
 
 /// The address in a line such as `... listening on 127.0.0.1:41234 (ws://127.0.0.1:41234/ws)`;
@@ -238,4 +305,53 @@ fn read_in_background(mut pipe: impl Read + Send + 'static) -> JoinHandle<String
         let _ = pipe.read_to_end(&mut bytes);
         String::from_utf8_lossy(&bytes).into_owned()
     })
+}
+
+/// A small deterministic pseudo-random generator (xorshift64), so every run tries the same
+/// inputs and a failure can be replayed.
+pub struct XorShift(pub u64);
+
+impl XorShift {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    pub fn byte(&mut self) -> u8 {
+        self.next_u64() as u8
+    }
+
+    /// A number below `bound` (> 0).
+    pub fn below(&mut self, bound: usize) -> usize {
+        (self.next_u64() % bound as u64) as usize
+    }
+
+    /// `input` with one to four random edits: a byte replaced, inserted or deleted, a run
+    /// duplicated, or the tail cut off.
+    pub fn mutate(&mut self, input: &[u8]) -> Vec<u8> {
+        let mut output = input.to_vec();
+        for _ in 0..1 + self.below(4) {
+            if output.is_empty() {
+                output.push(self.byte());
+                continue;
+            }
+            let at = self.below(output.len());
+            match self.below(5) {
+                0 => output[at] = self.byte(),
+                1 => output.insert(at, self.byte()),
+                2 => {
+                    output.remove(at);
+                }
+                3 => {
+                    let end = (at + 1 + self.below(16)).min(output.len());
+                    let run = output[at..end].to_vec();
+                    output.splice(at..at, run);
+                }
+                _ => output.truncate(at),
+            }
+        }
+        output
+    }
 }

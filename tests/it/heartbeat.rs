@@ -9,9 +9,11 @@ use crate::harness::{wait_until, Server};
 use crate::http_client::{create_topic, subscriber_count};
 use crate::ws_client::{assert_timestamp, WsClient};
 
-/// The short heartbeat interval of these tests, as configured and as a duration.
-const HEARTBEAT_SEC: &str = "0.5";
-const HEARTBEAT: Duration = Duration::from_millis(500);
+/// The short heartbeat interval of these tests, as configured and as a duration: short, yet
+/// long enough that a reading client's pong is never two intervals late on a loaded 2-core
+/// machine running the whole suite in parallel.
+const HEARTBEAT_SEC: &str = "1";
+const HEARTBEAT: Duration = Duration::from_secs(1);
 
 /// A server beating every [`HEARTBEAT`], with the topic `orders` and one subscriber to it.
 fn subscribed_client() -> (Server, WsClient) {

@@ -2,7 +2,8 @@
 //! the REST calls the other tests build on.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
@@ -120,6 +121,163 @@ pub fn try_http_raw(addr: SocketAddr, request: &[u8]) -> Option<Response> {
         }
     }
     (!received.is_empty()).then(|| parse_response(&received))
+}
+
+/// Sends a WebSocket upgrade request for `path` (which may carry a query) with extra
+/// `headers`, and returns the answer: a refusal whole (the server closes after it), or only the
+/// head of a `101 Switching Protocols`, after which the connection is dropped.
+pub fn upgrade(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Response {
+    let mut request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+    );
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(DEADLINE)).unwrap();
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut received = Vec::new();
+    let mut chunk = [0; 8192];
+    loop {
+        let switched =
+            find(&received, b"\r\n\r\n").is_some() && received.starts_with(b"HTTP/1.1 101 ");
+        if switched {
+            break;
+        }
+        match stream.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => received.extend_from_slice(&chunk[..n]),
+            Err(error) if is_timeout(&error) => {
+                panic!("no complete answer to the upgrade of {path} within {DEADLINE:?}")
+            }
+            Err(_) => break,
+        }
+    }
+    assert!(!received.is_empty(), "no answer to the upgrade of {path}");
+    parse_response(&received)
+}
+
+/// What came back on one connection for bytes sent as they are ([`exchange`]).
+#[derive(Debug)]
+pub struct RawExchange {
+    /// Every byte the server sent.
+    pub received: Vec<u8>,
+    /// Whether the server ended the connection (EOF or reset) before the timeout.
+    pub closed: bool,
+}
+
+impl RawExchange {
+    /// The complete responses received, in order; panics on bytes that are not one.
+    pub fn responses(&self) -> Vec<Response> {
+        parse_responses(&self.received)
+    }
+
+    /// The status of every response received, in order.
+    pub fn statuses(&self) -> Vec<u16> {
+        self.responses()
+            .iter()
+            .map(|response| response.status)
+            .collect()
+    }
+}
+
+/// Sends `request` as is on a new connection, then half-closes it (the client has nothing more
+/// to say) and reads until the server ends the connection or `timeout` has passed. Write
+/// errors are ignored: a server may answer and close before reading everything.
+pub fn exchange(addr: SocketAddr, request: &[u8], timeout: Duration) -> RawExchange {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_write_timeout(Some(timeout)).unwrap();
+    let _ = stream.write_all(request);
+    let _ = stream.shutdown(Shutdown::Write);
+    read_until_closed(&mut stream, timeout)
+}
+
+/// Reads what `stream` delivers until EOF, a reset, or `timeout` from now.
+pub fn read_until_closed(stream: &mut TcpStream, timeout: Duration) -> RawExchange {
+    let deadline = Instant::now() + timeout;
+    let mut received = Vec::new();
+    let mut chunk = [0; 8192];
+    loop {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            return RawExchange {
+                received,
+                closed: false,
+            };
+        }
+        stream.set_read_timeout(Some(remaining)).unwrap();
+        match stream.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => received.extend_from_slice(&chunk[..n]),
+            Err(error) if is_timeout(&error) => continue,
+            Err(_) => break,
+        }
+    }
+    RawExchange {
+        received,
+        closed: true,
+    }
+}
+
+/// Sends `request` on an open keep-alive connection and reads exactly one response (framed by
+/// `Content-Length`); `None` if the connection ends first.
+pub fn round_trip(stream: &mut TcpStream, request: &[u8]) -> Option<Response> {
+    stream.set_read_timeout(Some(DEADLINE)).unwrap();
+    stream.write_all(request).ok()?;
+    let mut received = Vec::new();
+    let mut chunk = [0; 8192];
+    loop {
+        if let Some(head_end) = find(&received, b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&received[..head_end]).to_ascii_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|line| line.strip_prefix("content-length:"))
+                .map_or(0, |length| length.trim().parse().unwrap());
+            if received.len() >= head_end + 4 + length {
+                assert_eq!(
+                    received.len(),
+                    head_end + 4 + length,
+                    "more than one response to one request"
+                );
+                return Some(parse_response(&received));
+            }
+        }
+        match stream.read(&mut chunk) {
+            Ok(0) => return None,
+            Ok(n) => received.extend_from_slice(&chunk[..n]),
+            Err(error) if is_timeout(&error) => panic!("no response within {DEADLINE:?}"),
+            Err(_) => return None,
+        }
+    }
+}
+
+/// Splits bytes holding zero or more complete HTTP responses (framed by `Content-Length`, as
+/// every response of the server is, or chunked) and parses each.
+pub fn parse_responses(mut received: &[u8]) -> Vec<Response> {
+    let mut responses = Vec::new();
+    while !received.is_empty() {
+        let head_end = find(received, b"\r\n\r\n").unwrap_or_else(|| {
+            panic!(
+                "bytes after {} response(s) are not a response: {:?}",
+                responses.len(),
+                String::from_utf8_lossy(received)
+            )
+        });
+        let head = String::from_utf8_lossy(&received[..head_end]).to_ascii_lowercase();
+        let length = head
+            .lines()
+            .find_map(|line| line.strip_prefix("content-length:"))
+            .map(|length| length.trim().parse::<usize>().unwrap());
+        let end = match length {
+            Some(length) => (head_end + 4 + length).min(received.len()),
+            None => received.len(),
+        };
+        responses.push(parse_response(&received[..end]));
+        received = &received[end..];
+    }
+    responses
 }
 
 /// `POST /topics` for `name`, asserting it was created.

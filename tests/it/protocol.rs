@@ -29,7 +29,11 @@ fn subscribe_is_acked_echoing_the_request_id_and_topic() {
     );
     let mut ack = without_ts(client.recv_json());
     // The topic's position (issue 5): a fresh topic has published nothing yet.
-    let epoch = ack.as_object_mut().unwrap().remove("epoch").expect("a subscribe ack carries the epoch");
+    let epoch = ack
+        .as_object_mut()
+        .unwrap()
+        .remove("epoch")
+        .expect("a subscribe ack carries the epoch");
     assert!(epoch.as_str().is_some_and(|e| !e.is_empty()), "{epoch}");
     let expected =
         json!({"type": "ack", "request_id": "sub-1", "status": "ok", "topic": "orders", "seq": 0});

@@ -107,6 +107,16 @@ impl WsClient {
         self.socket.get_mut().write_all(&frame).unwrap();
     }
 
+    /// Writes `bytes` straight to the socket: hand-built frames of any size, or a part of one.
+    pub fn send_raw_bytes(&mut self, bytes: &[u8]) {
+        self.socket.get_mut().write_all(bytes).unwrap();
+    }
+
+    /// The next message of any kind, or the error that ended the connection, without panicking.
+    pub fn try_recv_message(&mut self) -> tungstenite::Result<Message> {
+        self.socket.read()
+    }
+
     /// The next message of any kind, including pings (tungstenite queues their pongs).
     pub fn recv_message(&mut self) -> Message {
         self.socket
@@ -160,6 +170,15 @@ impl WsClient {
         }
     }
 
+    /// Starts the closing handshake and reads until the connection ends, ignoring every error
+    /// (the server may have closed first).
+    pub fn close_quietly(&mut self) {
+        if self.socket.close(None).is_err() {
+            return;
+        }
+        while self.socket.read().is_ok() {}
+    }
+
     /// Reads (and discards) until the server ends the connection in any way: close frame,
     /// EOF or reset. Panics if the connection is still open after [`DEADLINE`].
     pub fn expect_connection_ended(&mut self) {
@@ -202,6 +221,25 @@ impl WsClient {
         reply
     }
 
+    /// Subscribes to `topic` resuming after event `since_seq` of `epoch` (issue 5) and checks
+    /// the ack, which must say whether the events after `since_seq` were `recovered`.
+    pub fn subscribe_since(&mut self, topic: &str, since_seq: u64, epoch: &str) -> Value {
+        let request = json!({
+            "type": "subscribe",
+            "topic": topic,
+            "client_id": self.client_id,
+            "since_seq": since_seq,
+            "epoch": epoch,
+        });
+        let reply = self.request(request);
+        assert_ack(&reply, topic);
+        assert!(
+            reply["recovered"].is_boolean(),
+            "a resuming subscribe ack without a boolean `recovered`: {reply}"
+        );
+        reply
+    }
+
     /// Unsubscribes from `topic` and checks the ack.
     pub fn unsubscribe(&mut self, topic: &str) {
         let request = json!({"type": "unsubscribe", "topic": topic, "client_id": self.client_id});
@@ -216,6 +254,15 @@ impl WsClient {
         let reply = self.request(publish_request(topic, &id, payload));
         assert_ack(&reply, topic);
         id
+    }
+
+    /// Publishes `payload` to `topic` under a new id, checks the ack and returns the id with
+    /// the `seq` the ack gave the message (issue 5). Same caveat as [`WsClient::publish`].
+    pub fn publish_numbered(&mut self, topic: &str, payload: Value) -> (String, u64) {
+        let id = Uuid::new_v4().to_string();
+        let reply = self.request(publish_request(topic, &id, payload));
+        assert_ack(&reply, topic);
+        (id, seq_field(&reply))
     }
 
     /// Publishes `{"seq": n}` for every `n` in `range`.
@@ -244,6 +291,16 @@ impl WsClient {
         event["message"].clone()
     }
 
+    /// The next message, checked to be an event of `topic` with a `seq` (issue 5); returned
+    /// whole.
+    pub fn recv_numbered_event(&mut self, topic: &str) -> Value {
+        let event = self.recv_json();
+        assert_eq!(event["type"], "event", "expected an event, got {event}");
+        assert_eq!(event["topic"], topic, "event from the wrong topic: {event}");
+        seq_field(&event);
+        event
+    }
+
     /// The payloads of the next `count` events of `topic`.
     pub fn recv_payloads(&mut self, topic: &str, count: usize) -> Vec<Value> {
         (0..count)
@@ -267,6 +324,33 @@ impl WsClient {
             }
         }
     }
+}
+
+/// A client frame of any length (RFC 6455 5.2): `first_byte` (FIN, RSV and opcode bits), the
+/// payload length in 7, 7+16 or 7+64 bits, and the payload, masked if `masked`.
+pub fn client_frame(first_byte: u8, payload: &[u8], masked: bool) -> Vec<u8> {
+    const MASKING_KEY: [u8; 4] = [0x5a, 0x11, 0xc3, 0x7e];
+    let mask_bit = if masked { 0x80 } else { 0 };
+    let mut frame = vec![first_byte];
+    match payload.len() {
+        length @ 0..=125 => frame.push(mask_bit | length as u8),
+        length @ 126..=0xffff => {
+            frame.push(mask_bit | 126);
+            frame.extend((length as u16).to_be_bytes());
+        }
+        length => {
+            frame.push(mask_bit | 127);
+            frame.extend((length as u64).to_be_bytes());
+        }
+    }
+    if masked {
+        frame.extend(MASKING_KEY);
+        let masked_payload = payload.iter().zip(MASKING_KEY.iter().cycle());
+        frame.extend(masked_payload.map(|(byte, key)| byte ^ key));
+    } else {
+        frame.extend(payload);
+    }
+    frame
 }
 
 /// A `publish` request without `request_id`.
@@ -313,6 +397,21 @@ pub fn seq(payload: &Value) -> u64 {
     payload["seq"]
         .as_u64()
         .unwrap_or_else(|| panic!("payload without seq: {payload}"))
+}
+
+/// The `seq` field a server message carries (issue 5): an event's number, a publish ack's,
+/// the last one of a topic in a subscribe ack.
+pub fn seq_field(message: &Value) -> u64 {
+    message["seq"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no integer `seq` in {message}"))
+}
+
+/// The `epoch` string of a subscribe ack (issue 5).
+pub fn epoch_field(ack: &Value) -> String {
+    let epoch = ack["epoch"].as_str().unwrap_or_default();
+    assert!(!epoch.is_empty(), "no `epoch` string in {ack}");
+    epoch.to_owned()
 }
 
 /// A short description of a message, since a whole large event would flood the output.

@@ -1,0 +1,920 @@
+//! Fuzzes `ClientRequest::parse`, which reads and validates one WebSocket text frame from a
+//! client (subscribe, unsubscribe, publish, ping).
+//!
+//! Every input is used twice:
+//! 1. as the frame's text itself, when the bytes are UTF-8 (a WebSocket text frame always is);
+//! 2. as the seed of a generator (`arbitrary::Unstructured`) that writes a JSON request: fields of
+//!    the protocol and others, each holding either a well-formed value for that field or any JSON
+//!    value at all (every JSON type in every field: null, booleans, integers at the edges, floats,
+//!    odd number spellings, strings with escapes and lone surrogates, arrays, objects, nesting up
+//!    to thousands deep), duplicated keys, and sometimes a token that is not JSON.
+//!
+//! Besides "never panics" (and no stack overflow: deep inputs run on a thread with the server's
+//! 256 KiB connection stack), it checks:
+//! - a rejection always has a non-empty message;
+//! - an accepted request was a JSON object (by a JSON validator written here, independently of
+//!   serde_json), its topic follows the naming rule (1 to 128 of A-Z a-z 0-9 _ - . :), its
+//!   client_id is not empty, a publish's message id is a UUID;
+//! - a publish's payload is the client's bytes verbatim, and an event carrying it, serialized as
+//!   the server does, is valid JSON;
+//! - where serde_json can read the input as a tree, the accepted fields are the ones it holds.
+//!
+//! The fields of `ClientRequest` and `Rejection` are private to main.rs, so the checks read them
+//! from their `Debug` output (a small parser below; a Rust string literal in `Debug` form is
+//! unambiguous).
+#![no_main]
+
+use arbitrary::{Result as ArbResult, Unstructured};
+use libfuzzer_sys::fuzz_target;
+use serde_json::value::RawValue;
+use serde_json::Value;
+
+#[path = "../../main.rs"]
+#[allow(dead_code, unused_imports, unused_macros, clippy::all)]
+mod server;
+
+use server::ClientRequest;
+
+/// `CONNECTION_STACK_SIZE` in main.rs: the stack the server parses requests on.
+const SERVER_STACK: usize = 256 * 1024;
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(text) = std::str::from_utf8(data) {
+        check(text);
+    }
+    let mut u = Unstructured::new(data);
+    if let Ok(text) = gen_request(&mut u) {
+        check(&text);
+    }
+});
+
+/// Runs the checks, on a thread with the server's stack size when the input nests deeply.
+fn check(text: &str) {
+    let openers = text.bytes().filter(|&b| b == b'[' || b == b'{').count();
+    if openers <= 128 {
+        check_on_this_thread(text);
+        return;
+    }
+    let owned = text.to_owned();
+    let worker = std::thread::Builder::new()
+        .stack_size(SERVER_STACK)
+        .spawn(move || check_on_this_thread(&owned))
+        .expect("spawn checker thread");
+    if let Err(panic) = worker.join() {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+fn check_on_this_thread(text: &str) {
+    match ClientRequest::parse(text) {
+        Err(rejection) => {
+            let debug = format!("{rejection:?}");
+            // `Rejection { request_id: …, message: "…" }`: the message is the last field.
+            assert!(
+                debug.starts_with("Rejection { ") && debug.ends_with("\" }"),
+                "unexpected Debug form of Rejection: {debug}"
+            );
+            assert!(
+                !debug.ends_with("message: \"\" }"),
+                "empty rejection message for {text:?}: {debug}"
+            );
+        }
+        Ok(request) => {
+            let debug = format!("{request:?}");
+            let accepted = parse_debug(&debug)
+                .unwrap_or_else(|| panic!("unexpected Debug form of ClientRequest: {debug}"));
+            check_accepted(text, &accepted);
+        }
+    }
+}
+
+/// What `ClientRequest::parse` accepted, read back from its `Debug` output.
+#[derive(Debug)]
+struct Accepted {
+    request_id: Option<String>,
+    op: Op,
+}
+
+#[derive(Debug)]
+enum Op {
+    Subscribe {
+        topic: String,
+        client_id: String,
+        replay: Replay,
+    },
+    Unsubscribe {
+        topic: String,
+        client_id: String,
+    },
+    Publish {
+        topic: String,
+        id: String,
+        payload: String,
+    },
+    Ping,
+}
+
+#[derive(Debug)]
+enum Replay {
+    LastN(u64),
+    Since { seq: u64, epoch: String },
+}
+
+fn check_accepted(text: &str, accepted: &Accepted) {
+    assert!(
+        text.trim_start().starts_with('{'),
+        "accepted something other than an object: {text:?}"
+    );
+    assert!(valid_json(text), "accepted invalid JSON: {text:?}");
+    match &accepted.op {
+        Op::Subscribe {
+            topic, client_id, ..
+        }
+        | Op::Unsubscribe { topic, client_id } => {
+            assert_topic(topic, text);
+            assert!(
+                !client_id.is_empty(),
+                "accepted an empty client_id: {text:?}"
+            );
+        }
+        Op::Publish { topic, id, payload } => {
+            assert_topic(topic, text);
+            assert!(
+                uuid::Uuid::try_parse(id).is_ok(),
+                "accepted a message id that is not a UUID: {id:?} in {text:?}"
+            );
+            assert!(
+                text.contains(payload.as_str()),
+                "payload is not the client's bytes: {payload:?} from {text:?}"
+            );
+            check_payload_reserializes(payload, text);
+        }
+        Op::Ping => {}
+    }
+    // Compare with serde_json's own tree where it can build one (it cannot past 128 levels of
+    // nesting or for numbers out of f64's range, which a raw payload may hold).
+    if let Ok(tree) = serde_json::from_str::<Value>(text) {
+        check_against_tree(&tree, accepted, text);
+    }
+}
+
+fn assert_topic(topic: &str, text: &str) {
+    assert!(
+        (1..=128).contains(&topic.len())
+            && topic
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':')),
+        "accepted topic {topic:?} breaks the naming rule, from {text:?}"
+    );
+}
+
+/// Serializes an event around the payload as the server does (serde with a `&RawValue` field)
+/// and checks the result is valid JSON, by the validator below and, where it can, by serde_json.
+fn check_payload_reserializes(payload: &str, text: &str) {
+    #[derive(serde::Serialize)]
+    struct EventMessage<'a> {
+        id: &'a str,
+        payload: &'a RawValue,
+    }
+    #[derive(serde::Serialize)]
+    struct Event<'a> {
+        r#type: &'a str,
+        topic: &'a str,
+        message: EventMessage<'a>,
+        ts: &'a str,
+    }
+    let raw: &RawValue = serde_json::from_str(payload).unwrap_or_else(|e| {
+        panic!("accepted payload {payload:?} is not JSON ({e}), from {text:?}")
+    });
+    let alone = serde_json::to_string(raw).expect("serialize payload");
+    assert_eq!(alone, payload, "re-serialized payload differs");
+    let event = serde_json::to_string(&Event {
+        r#type: "event",
+        topic: "t",
+        message: EventMessage {
+            id: "7f8e2a9c-4b1d-4c3e-9f6a-1b2c3d4e5f60",
+            payload: raw,
+        },
+        ts: "2026-11-27T06:24:44.123Z",
+    })
+    .expect("serialize event");
+    assert!(
+        valid_json(&event),
+        "event with payload is not valid JSON: {event:?}"
+    );
+    match serde_json::from_str::<Value>(&event) {
+        Ok(tree) => {
+            let back = &tree["message"]["payload"];
+            let direct: Value = serde_json::from_str(payload).expect("payload parses as a tree");
+            assert_eq!(back, &direct, "payload changed on the way through an event");
+        }
+        Err(e) => {
+            // Valid JSON that serde_json still refuses to read as a tree: nesting past its
+            // recursion limit, a number past f64's range, or a `\u` escape of a lone UTF-16
+            // surrogate (RFC 8259's grammar allows one; I-JSON, RFC 7493, does not). The server
+            // forwards such a payload as it came; a strict client cannot read the event.
+            let why = e.to_string();
+            assert!(
+                why.contains("recursion limit")
+                    || why.contains("number out of range")
+                    || ((why.contains("surrogate")
+                        || why.contains("hex escape")
+                        || why.contains("unicode code point"))
+                        && has_surrogate_escape(payload)),
+                "event with payload is unreadable by serde_json ({why}): {event:?}"
+            );
+        }
+    }
+}
+
+/// Whether the JSON text holds a `\u` escape of a UTF-16 surrogate (D800 to DFFF).
+fn has_surrogate_escape(json: &str) -> bool {
+    json.as_bytes().windows(4).any(|w| {
+        w[0] == b'\\'
+            && w[1] == b'u'
+            && w[2].eq_ignore_ascii_case(&b'd')
+            && matches!(w[3].to_ascii_lowercase(), b'8'..=b'9' | b'a'..=b'f')
+    })
+}
+
+fn check_against_tree(tree: &Value, accepted: &Accepted, text: &str) {
+    let object = tree
+        .as_object()
+        .unwrap_or_else(|| panic!("accepted a non-object: {text:?}"));
+    let string = |key: &str| object.get(key).and_then(Value::as_str).map(str::to_owned);
+    assert_eq!(
+        accepted.request_id,
+        string("request_id"),
+        "request_id differs from the JSON's, in {text:?}"
+    );
+    let (kind, topic) = match &accepted.op {
+        Op::Subscribe {
+            topic,
+            client_id,
+            replay,
+        } => {
+            assert_eq!(
+                Some(client_id),
+                string("client_id").as_ref(),
+                "client_id in {text:?}"
+            );
+            match replay {
+                Replay::LastN(n) => {
+                    assert!(
+                        object.get("since_seq").is_none(),
+                        "since_seq ignored in {text:?}"
+                    );
+                    assert_eq!(
+                        object.get("last_n").map_or(Some(0), Value::as_u64),
+                        Some(*n),
+                        "last_n in {text:?}"
+                    );
+                }
+                Replay::Since { seq, epoch } => {
+                    assert!(object.get("last_n").is_none(), "last_n ignored in {text:?}");
+                    assert_eq!(object.get("since_seq").and_then(Value::as_u64), Some(*seq));
+                    assert_eq!(string("epoch").as_ref(), Some(epoch), "epoch in {text:?}");
+                }
+            }
+            ("subscribe", Some(topic))
+        }
+        Op::Unsubscribe { topic, client_id } => {
+            assert_eq!(
+                Some(client_id),
+                string("client_id").as_ref(),
+                "client_id in {text:?}"
+            );
+            ("unsubscribe", Some(topic))
+        }
+        Op::Publish { topic, id, payload } => {
+            let message = &object["message"];
+            assert_eq!(
+                message["id"].as_str(),
+                Some(id.as_str()),
+                "message.id in {text:?}"
+            );
+            if let Ok(direct) = serde_json::from_str::<Value>(payload) {
+                assert_eq!(message["payload"], direct, "payload in {text:?}");
+            }
+            ("publish", Some(topic))
+        }
+        Op::Ping => ("ping", None),
+    };
+    assert_eq!(string("type").as_deref(), Some(kind), "type in {text:?}");
+    if let Some(topic) = topic {
+        assert_eq!(string("topic").as_ref(), Some(topic), "topic in {text:?}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reading `Debug` output back.
+
+/// Parses `ClientRequest { request_id: None | Some("…"), op: … }`.
+fn parse_debug(debug: &str) -> Option<Accepted> {
+    let mut c = Cursor(debug);
+    c.eat("ClientRequest { request_id: ")?;
+    let request_id = c.option_string()?;
+    c.eat(", op: ")?;
+    let op = if c.eat("Ping").is_some() {
+        Op::Ping
+    } else if c.eat("Subscribe { topic: ").is_some() {
+        let topic = c.string()?;
+        c.eat(", client_id: ")?;
+        let client_id = c.string()?;
+        c.eat(", replay: ")?;
+        let replay = if c.eat("LastN(").is_some() {
+            let n = c.number()?;
+            c.eat(")")?;
+            Replay::LastN(n)
+        } else {
+            c.eat("Since { seq: ")?;
+            let seq = c.number()?;
+            c.eat(", epoch: ")?;
+            let epoch = c.string()?;
+            c.eat(" }")?;
+            Replay::Since { seq, epoch }
+        };
+        c.eat(" }")?;
+        Op::Subscribe {
+            topic,
+            client_id,
+            replay,
+        }
+    } else if c.eat("Unsubscribe { topic: ").is_some() {
+        let topic = c.string()?;
+        c.eat(", client_id: ")?;
+        let client_id = c.string()?;
+        c.eat(" }")?;
+        Op::Unsubscribe { topic, client_id }
+    } else {
+        c.eat("Publish { topic: ")?;
+        let topic = c.string()?;
+        c.eat(", id: ")?;
+        let id = c.string()?;
+        c.eat(", payload: RawValue(")?;
+        // The payload is the raw JSON text, and the last thing in the output.
+        let payload = c.0.strip_suffix(") } }")?.to_owned();
+        return Some(Accepted {
+            request_id,
+            op: Op::Publish { topic, id, payload },
+        });
+    };
+    c.eat(" }")?;
+    c.0.is_empty().then_some(Accepted { request_id, op })
+}
+
+struct Cursor<'a>(&'a str);
+
+impl Cursor<'_> {
+    fn eat(&mut self, prefix: &str) -> Option<()> {
+        self.0 = self.0.strip_prefix(prefix)?;
+        Some(())
+    }
+
+    fn number(&mut self) -> Option<u64> {
+        let end = self
+            .0
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(self.0.len());
+        let n = self.0[..end].parse().ok()?;
+        self.0 = &self.0[end..];
+        Some(n)
+    }
+
+    fn option_string(&mut self) -> Option<Option<String>> {
+        if self.eat("None").is_some() {
+            return Some(None);
+        }
+        self.eat("Some(")?;
+        let s = self.string()?;
+        self.eat(")")?;
+        Some(Some(s))
+    }
+
+    /// A Rust string literal as `Debug` writes it: `"…"` with `\" \\ \' \n \r \t \0 \u{…}`.
+    fn string(&mut self) -> Option<String> {
+        self.eat("\"")?;
+        let mut out = String::new();
+        let mut chars = self.0.char_indices();
+        while let Some((i, c)) = chars.next() {
+            match c {
+                '"' => {
+                    self.0 = &self.0[i + 1..];
+                    return Some(out);
+                }
+                '\\' => match chars.next()?.1 {
+                    '"' => out.push('"'),
+                    '\\' => out.push('\\'),
+                    '\'' => out.push('\''),
+                    'n' => out.push('\n'),
+                    'r' => out.push('\r'),
+                    't' => out.push('\t'),
+                    '0' => out.push('\0'),
+                    'u' => {
+                        if chars.next()?.1 != '{' {
+                            return None;
+                        }
+                        let mut code = 0u32;
+                        loop {
+                            let d = chars.next()?.1;
+                            if d == '}' {
+                                break;
+                            }
+                            code = code.checked_mul(16)?.checked_add(d.to_digit(16)?)?;
+                        }
+                        out.push(char::from_u32(code)?);
+                    }
+                    _ => return None,
+                },
+                c => out.push(c),
+            }
+        }
+        None
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A strict JSON (RFC 8259) validator, iterative so that nesting depth costs no stack, written
+// without serde_json so that it checks serde_json too.
+
+fn valid_json(text: &str) -> bool {
+    let b = text.as_bytes();
+    let mut i = 0usize;
+    let mut stack: Vec<u8> = Vec::new();
+    'value: loop {
+        skip_ws(b, &mut i);
+        match b.get(i) {
+            Some(b'[') => {
+                i += 1;
+                skip_ws(b, &mut i);
+                if b.get(i) == Some(&b']') {
+                    i += 1;
+                } else {
+                    stack.push(b'[');
+                    continue 'value;
+                }
+            }
+            Some(b'{') => {
+                i += 1;
+                skip_ws(b, &mut i);
+                if b.get(i) == Some(&b'}') {
+                    i += 1;
+                } else {
+                    stack.push(b'{');
+                    if !json_key(b, &mut i) {
+                        return false;
+                    }
+                    continue 'value;
+                }
+            }
+            Some(b'"') => {
+                if !json_string(b, &mut i) {
+                    return false;
+                }
+            }
+            Some(b't') if b[i..].starts_with(b"true") => i += 4,
+            Some(b'f') if b[i..].starts_with(b"false") => i += 5,
+            Some(b'n') if b[i..].starts_with(b"null") => i += 4,
+            Some(b'-' | b'0'..=b'9') => {
+                if !json_number(b, &mut i) {
+                    return false;
+                }
+            }
+            _ => return false,
+        }
+        // After a value: close containers or go on to the next element.
+        loop {
+            skip_ws(b, &mut i);
+            match stack.last() {
+                None => return i == b.len(),
+                Some(&open) => {
+                    let close = if open == b'[' { b']' } else { b'}' };
+                    match b.get(i) {
+                        Some(b',') => {
+                            i += 1;
+                            if open == b'{' {
+                                skip_ws(b, &mut i);
+                                if !json_key(b, &mut i) {
+                                    return false;
+                                }
+                            }
+                            continue 'value;
+                        }
+                        Some(&c) if c == close => {
+                            i += 1;
+                            stack.pop();
+                        }
+                        _ => return false,
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn skip_ws(b: &[u8], i: &mut usize) {
+    while matches!(b.get(*i), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+        *i += 1;
+    }
+}
+
+/// `"key"` then `:`.
+fn json_key(b: &[u8], i: &mut usize) -> bool {
+    if b.get(*i) != Some(&b'"') || !json_string(b, i) {
+        return false;
+    }
+    skip_ws(b, i);
+    if b.get(*i) != Some(&b':') {
+        return false;
+    }
+    *i += 1;
+    true
+}
+
+fn json_string(b: &[u8], i: &mut usize) -> bool {
+    *i += 1; // the opening quote
+    loop {
+        match b.get(*i) {
+            None => return false,
+            Some(b'"') => {
+                *i += 1;
+                return true;
+            }
+            Some(b'\\') => {
+                *i += 1;
+                match b.get(*i) {
+                    Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => *i += 1,
+                    Some(b'u') => {
+                        let hex = b.get(*i + 1..*i + 5);
+                        if !hex.is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)) {
+                            return false;
+                        }
+                        *i += 5;
+                    }
+                    _ => return false,
+                }
+            }
+            Some(&c) if c < 0x20 => return false,
+            Some(_) => *i += 1,
+        }
+    }
+}
+
+fn json_number(b: &[u8], i: &mut usize) -> bool {
+    let digits = |i: &mut usize| {
+        let start = *i;
+        while matches!(b.get(*i), Some(b'0'..=b'9')) {
+            *i += 1;
+        }
+        *i > start
+    };
+    if b.get(*i) == Some(&b'-') {
+        *i += 1;
+    }
+    match b.get(*i) {
+        Some(b'0') => *i += 1,
+        Some(b'1'..=b'9') => {
+            digits(i);
+        }
+        _ => return false,
+    }
+    if b.get(*i) == Some(&b'.') {
+        *i += 1;
+        if !digits(i) {
+            return false;
+        }
+    }
+    if matches!(b.get(*i), Some(b'e' | b'E')) {
+        *i += 1;
+        if matches!(b.get(*i), Some(b'+' | b'-')) {
+            *i += 1;
+        }
+        if !digits(i) {
+            return false;
+        }
+    }
+    true
+}
+
+// ---------------------------------------------------------------------------------------------
+// The structured generator: a JSON request written from the fuzzer's bytes.
+
+const FIELDS: &[&str] = &[
+    "type",
+    "request_id",
+    "topic",
+    "client_id",
+    "last_n",
+    "since_seq",
+    "epoch",
+    "message",
+    "id",
+    "payload",
+];
+
+const TYPES: &[&str] = &[
+    "subscribe",
+    "unsubscribe",
+    "publish",
+    "ping",
+    "Subscribe",
+    "PUBLISH",
+    "",
+    " ping",
+    "pong",
+    "subscribe\u{0}",
+];
+
+/// Tokens that are not JSON, or are JSON at its edges.
+const ODD_TOKENS: &[&str] = &[
+    "NaN",
+    "Infinity",
+    "-Infinity",
+    "undefined",
+    "01",
+    "1.",
+    ".5",
+    "+1",
+    "-",
+    "1e",
+    "1e400",
+    "-1e400",
+    "1e-400",
+    "-0",
+    "-0.0",
+    "0e0",
+    "18446744073709551615",
+    "18446744073709551616",
+    "-9223372036854775808",
+    "-9223372036854775809",
+    "1.0",
+    "4.0e1",
+    "123456789012345678901234567890123456789012345678901234567890",
+    "\"\\ud800\"",
+    "\"\\udc00\\ud800\"",
+    "\"\\ud83d\\ude00\"",
+    "\"\\u0000\"",
+    "\"\\x41\"",
+    "\"\t\"",
+    "'single'",
+    "tru",
+    "nul",
+    "[",
+    "{",
+    "]",
+    "}",
+    ",",
+    ":",
+    "[1,]",
+    "{\"a\":1,}",
+    "//c\n1",
+    "/*c*/1",
+    "\u{feff}{}",
+];
+
+fn gen_request(u: &mut Unstructured<'_>) -> ArbResult<String> {
+    let mut out = String::new();
+    gen_ws(u, &mut out)?;
+    out.push('{');
+    let shaped = u.ratio(3, 4)?;
+    let count = u.int_in_range(0..=if shaped { 4 } else { 10 })?;
+    let mut first = true;
+    if shaped {
+        // A request of one of the protocol's types, each field well formed or anything.
+        let kind = *u.choose(&["subscribe", "unsubscribe", "publish", "ping"])?;
+        let mut fields = vec!["type", "topic"];
+        match kind {
+            "subscribe" => {
+                fields.push("client_id");
+                match u.int_in_range(0..=3)? {
+                    0 => fields.push("last_n"),
+                    1 => fields.extend(["since_seq", "epoch"]),
+                    2 => fields.extend(["last_n", "since_seq", "epoch"]),
+                    _ => {}
+                }
+            }
+            "unsubscribe" => fields.push("client_id"),
+            "publish" => fields.push("message"),
+            _ => {}
+        }
+        if u.arbitrary()? {
+            fields.push("request_id");
+        }
+        for field in fields {
+            if u.ratio(1, 16)? {
+                continue; // leave a required field out
+            }
+            push_key(&mut out, &mut first, field);
+            if field == "type" && u.ratio(7, 8)? {
+                push_json_string(&mut out, kind);
+            } else if u.ratio(3, 4)? {
+                gen_good_value(u, field, &mut out)?;
+            } else {
+                gen_value(u, 0, &mut out)?;
+            }
+        }
+    }
+    for _ in 0..count {
+        let key = gen_key(u)?;
+        push_key(&mut out, &mut first, &key);
+        if u.arbitrary()? {
+            gen_good_value(u, &key, &mut out)?;
+        } else {
+            gen_value(u, 0, &mut out)?;
+        }
+    }
+    out.push('}');
+    gen_ws(u, &mut out)?;
+    if u.ratio(1, 32)? {
+        out.push_str(u.choose(ODD_TOKENS)?);
+    }
+    Ok(out)
+}
+
+fn push_key(out: &mut String, first: &mut bool, key: &str) {
+    if !std::mem::take(first) {
+        out.push(',');
+    }
+    push_json_string(out, key);
+    out.push(':');
+}
+
+fn push_json_string(out: &mut String, s: &str) {
+    out.push_str(&serde_json::to_string(s).expect("a string serializes"));
+}
+
+fn gen_ws(u: &mut Unstructured<'_>, out: &mut String) -> ArbResult<()> {
+    for _ in 0..u.int_in_range(0..=2)? {
+        out.push(*u.choose(&[' ', '\t', '\n', '\r'])?);
+    }
+    Ok(())
+}
+
+fn gen_key(u: &mut Unstructured<'_>) -> ArbResult<String> {
+    Ok(match u.int_in_range(0..=5)? {
+        0 => u.arbitrary::<String>()?,
+        1 => u.choose(FIELDS)?.to_uppercase(),
+        _ => (*u.choose(FIELDS)?).to_owned(),
+    })
+}
+
+/// A value that is right, or nearly right, for the field.
+fn gen_good_value(u: &mut Unstructured<'_>, field: &str, out: &mut String) -> ArbResult<()> {
+    match field {
+        "type" => push_json_string(out, u.choose(TYPES)?),
+        "topic" => push_json_string(out, &gen_topic(u)?),
+        "client_id" | "request_id" | "epoch" => {
+            let s = match u.int_in_range(0..=3)? {
+                0 => String::new(),
+                1 => format!("{:016x}", u.arbitrary::<u64>()?),
+                _ => gen_string(u)?,
+            };
+            push_json_string(out, &s);
+        }
+        "last_n" | "since_seq" => out.push_str(&match u.int_in_range(0..=3)? {
+            0 => u.arbitrary::<u64>()?.to_string(),
+            1 => u.int_in_range(0u64..=100)?.to_string(),
+            2 => u.arbitrary::<i64>()?.to_string(),
+            _ => (*u.choose(ODD_TOKENS)?).to_owned(),
+        }),
+        "message" => {
+            out.push('{');
+            let mut first = true;
+            if u.ratio(15, 16)? {
+                push_key(out, &mut first, "id");
+                if u.ratio(3, 4)? {
+                    gen_uuid(u, out)?;
+                } else {
+                    gen_value(u, 0, out)?;
+                }
+            }
+            if u.ratio(15, 16)? {
+                push_key(out, &mut first, "payload");
+                gen_value(u, 0, out)?;
+            }
+            for _ in 0..u.int_in_range(0..=2)? {
+                let key = gen_key(u)?;
+                push_key(out, &mut first, &key);
+                gen_value(u, 0, out)?;
+            }
+            out.push('}');
+        }
+        "id" => gen_uuid(u, out)?,
+        _ => gen_value(u, 0, out)?,
+    }
+    Ok(())
+}
+
+/// A topic name: mostly within the rule, at its length edges, or with one character outside it.
+fn gen_topic(u: &mut Unstructured<'_>) -> ArbResult<String> {
+    const ALPHABET: &[u8] = b"abcXYZ019_-.:";
+    let len = match u.int_in_range(0..=4)? {
+        0 => *u.choose(&[0usize, 1, 127, 128, 129, 1000])?,
+        _ => u.int_in_range(1usize..=12)?,
+    };
+    let mut topic: String = (0..len)
+        .map(|_| u.choose(ALPHABET).map(|&b| b as char))
+        .collect::<ArbResult<_>>()?;
+    if u.ratio(1, 4)? {
+        let c = *u.choose(&[
+            '/',
+            ' ',
+            '*',
+            '#',
+            'é',
+            '\u{0}',
+            '\u{1F600}',
+            '"',
+            '\\',
+            '\u{212A}',
+        ])?;
+        let at = u.int_in_range(0..=topic.len())?;
+        if topic.is_char_boundary(at) {
+            topic.insert(at, c);
+        }
+    }
+    Ok(topic)
+}
+
+fn gen_uuid(u: &mut Unstructured<'_>, out: &mut String) -> ArbResult<()> {
+    let id = uuid::Uuid::from_u128(u.arbitrary()?);
+    let s = match u.int_in_range(0..=5)? {
+        0 => id.simple().to_string(),
+        1 => id.braced().to_string(),
+        2 => id.urn().to_string(),
+        3 => id.hyphenated().to_string().to_uppercase(),
+        4 => {
+            let mut s = id.hyphenated().to_string();
+            s.truncate(u.int_in_range(0..=36)?);
+            s
+        }
+        _ => id.hyphenated().to_string(),
+    };
+    push_json_string(out, &s);
+    Ok(())
+}
+
+fn gen_string(u: &mut Unstructured<'_>) -> ArbResult<String> {
+    u.arbitrary::<String>()
+}
+
+/// Any JSON value (and, rarely, a token that is not one).
+fn gen_value(u: &mut Unstructured<'_>, depth: u32, out: &mut String) -> ArbResult<()> {
+    let max_choice = if depth >= 6 { 8 } else { 11 };
+    match u.int_in_range(0..=max_choice)? {
+        0 => out.push_str("null"),
+        1 => out.push_str(if u.arbitrary()? { "true" } else { "false" }),
+        2 => out.push_str(&u.arbitrary::<i64>()?.to_string()),
+        3 => out.push_str(&u.arbitrary::<u64>()?.to_string()),
+        4 => {
+            let f: f64 = u.arbitrary()?;
+            // serde_json writes non-finite floats as null.
+            out.push_str(&serde_json::to_string(&f).expect("a float serializes"));
+        }
+        5 => push_json_string(out, &gen_string(u)?),
+        6 => {
+            // A string written with \u escapes, lone surrogates included.
+            out.push('"');
+            for _ in 0..u.int_in_range(0..=4)? {
+                let unit: u16 = u.arbitrary()?;
+                out.push_str(&format!("\\u{unit:04x}"));
+            }
+            out.push('"');
+        }
+        7 => push_json_string(out, &gen_topic(u)?),
+        8 => out.push_str(u.choose(ODD_TOKENS)?),
+        9 => {
+            out.push('[');
+            for i in 0..u.int_in_range(0..=4)? {
+                if i > 0 {
+                    out.push(',');
+                }
+                gen_value(u, depth + 1, out)?;
+            }
+            out.push(']');
+        }
+        10 => {
+            out.push('{');
+            let mut first = true;
+            for _ in 0..u.int_in_range(0..=4)? {
+                let key = gen_key(u)?;
+                push_key(out, &mut first, &key);
+                gen_value(u, depth + 1, out)?;
+            }
+            out.push('}');
+        }
+        _ => {
+            // Deep nesting: arrays or objects, past serde_json's recursion limit of 128.
+            let levels = *u.choose(&[64usize, 127, 128, 129, 200, 1000, 5000])?;
+            let object = u.arbitrary::<bool>()?;
+            for _ in 0..levels {
+                out.push_str(if object { "{\"a\":" } else { "[" });
+            }
+            gen_value(u, 6, out)?;
+            for _ in 0..levels {
+                out.push(if object { '}' } else { ']' });
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,112 @@
+//! Fuzzes `decide_route`, the dispatcher's decision on the bytes peeked so far from a new
+//! connection: WebSocket, REST, closed, request line too long, or wait for more.
+//!
+//! Each input is the peeked bytes. Every input is tried with several capacities (the size of the
+//! peek buffer): the server's own (`MAX_REQUEST_LINE`, 8 KiB), exactly the input's length (a full
+//! buffer), one more, and the degenerate 0 and `usize::MAX`. Besides "never panics", it checks:
+//! - empty input → `Closed`;
+//! - a `\n` in the input → `WebSocket` or `Rest`, decided by the request line alone: the same
+//!   route for the input cut just after its first `\n`, whatever follows, and whatever the
+//!   capacity; `WebSocket` exactly when the request target's path before `?` is `/ws`;
+//! - no `\n` and at least `capacity` bytes → `TooLong`; no `\n` and fewer → `None` (wait).
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+#[path = "../../main.rs"]
+#[allow(dead_code, unused_imports, unused_macros, clippy::all)]
+mod server;
+
+use server::{decide_route, Route};
+
+/// `MAX_REQUEST_LINE` in main.rs (private there): the capacity the server peeks with.
+const SERVER_CAPACITY: usize = 8 * 1024;
+
+/// The route a complete request line should get, written independently of main.rs: the target
+/// is the second space-separated field of `METHOD SP TARGET SP VERSION`; its path ends at `?`.
+fn expected_route(line: &[u8]) -> Route {
+    let target = match line.iter().position(|&b| b == b' ') {
+        Some(first_space) => {
+            let rest = &line[first_space + 1..];
+            let end = rest.iter().position(|&b| b == b' ').unwrap_or(rest.len());
+            &rest[..end]
+        }
+        None => &[][..],
+    };
+    let path_end = target
+        .iter()
+        .position(|&b| b == b'?')
+        .unwrap_or(target.len());
+    if &target[..path_end] == b"/ws" {
+        Route::WebSocket
+    } else {
+        Route::Rest
+    }
+}
+
+fn check(data: &[u8], capacity: usize) {
+    let route = decide_route(data, capacity);
+    if data.is_empty() {
+        assert_eq!(
+            route,
+            Some(Route::Closed),
+            "empty input, capacity {capacity}"
+        );
+        return;
+    }
+    match data.iter().position(|&b| b == b'\n') {
+        Some(newline) => {
+            let line = &data[..newline];
+            let expected = expected_route(line);
+            assert_eq!(
+                route.as_ref(),
+                Some(&expected),
+                "line {:?}, capacity {capacity}",
+                String::from_utf8_lossy(line)
+            );
+            // The decision is final once the line is complete: more bytes never change it.
+            assert_eq!(
+                decide_route(&data[..=newline], capacity).as_ref(),
+                Some(&expected),
+                "prefix up to the newline, capacity {capacity}"
+            );
+            // A request line that starts `GET /ws` then ends, or goes on with ' ' or '?', is a
+            // WebSocket upgrade (a check that needs no model of the parser).
+            if let Some(rest) = line.strip_prefix(b"GET /ws") {
+                if rest.is_empty() || rest[0] == b' ' || rest[0] == b'?' {
+                    assert_eq!(route, Some(Route::WebSocket), "GET /ws line");
+                }
+            }
+            if route == Some(Route::WebSocket) {
+                assert!(
+                    line.windows(3).any(|w| w == b"/ws"),
+                    "WebSocket route for a line without /ws"
+                );
+            }
+        }
+        None if data.len() >= capacity => {
+            assert_eq!(
+                route,
+                Some(Route::TooLong),
+                "len {} >= capacity {capacity}",
+                data.len()
+            );
+        }
+        None => {
+            assert_eq!(route, None, "len {} < capacity {capacity}", data.len());
+        }
+    }
+}
+
+fuzz_target!(|data: &[u8]| {
+    for capacity in [
+        SERVER_CAPACITY,
+        data.len(),
+        data.len().saturating_add(1),
+        data.len() / 2,
+        0,
+        usize::MAX,
+    ] {
+        check(data, capacity);
+    }
+});
