@@ -489,8 +489,9 @@ browser_missing() {
 
 # browser_test: tests/browser/console.mjs against $BASE. Its `ok - ` and
 # `not ok - ` lines are this script's checks; it saves the console's
-# screenshot to tests/browser/console.png, and on a failure one of each page
-# to $LOG_DIR.
+# screenshot to $LOG_DIR/console.png (so a test run leaves the work tree
+# clean; copy it over tests/browser/console.png, which README.md shows, to
+# refresh that one), and on a failure one of each page to $LOG_DIR.
 browser_test() {
   local missing rc=0 line oks=0 not_oks=0 log=$LOG_DIR/browser.log
   missing=$(browser_missing)
@@ -503,7 +504,7 @@ browser_test() {
     return 0
   fi
   note "headless Chromium drives the console (log: $log)"
-  ARTIFACTS_DIR=$LOG_DIR CHROMIUM=$CHROMIUM timeout -k 5 "$BROWSER_TIMEOUT" \
+  SCREENSHOT=$LOG_DIR/console.png ARTIFACTS_DIR=$LOG_DIR CHROMIUM=$CHROMIUM timeout -k 5 "$BROWSER_TIMEOUT" \
     node "$BROWSER_DIR/console.mjs" "$BASE" "$OPS_KEY" </dev/null >"$log" 2>&1 || rc=$?
   while IFS= read -r line; do
     case $line in
