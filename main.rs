@@ -4542,45 +4542,24 @@ mod tests {
 
     #[test]
     fn resume_replays_exactly_what_was_missed_or_says_it_cannot() {
-        let since = |seq, epoch: &str| Replay::Since {
-            seq,
-            epoch: epoch.to_string(),
-        };
+        // (since_seq, epoch, recovered, events replayed); the topic holds events 1 to 5 of
+        // epoch E, and its ring the last 3.
         let cases = [
-            (
-                since(3, "E"),
-                r#"{"m":"ack","epoch":"E","seq":5,"recovered":true}"#,
-                2,
-            ),
-            (
-                since(5, "E"),
-                r#"{"m":"ack","epoch":"E","seq":5,"recovered":true}"#,
-                0,
-            ),
-            (
-                since(2, "E"),
-                r#"{"m":"ack","epoch":"E","seq":5,"recovered":true}"#,
-                3,
-            ),
-            // The ring (3 events) no longer reaches back to event 2.
-            (
-                since(1, "E"),
-                r#"{"m":"ack","epoch":"E","seq":5,"recovered":false}"#,
-                0,
-            ),
+            (3, "E", true, 2),
+            (5, "E", true, 0),
+            (2, "E", true, 3),
+            // The ring no longer reaches back to event 2.
+            (1, "E", false, 0),
             // Ahead of the topic, or of another epoch: nothing can be trusted.
-            (
-                since(6, "E"),
-                r#"{"m":"ack","epoch":"E","seq":5,"recovered":false}"#,
-                0,
-            ),
-            (
-                since(4, "X"),
-                r#"{"m":"ack","epoch":"E","seq":5,"recovered":false}"#,
-                0,
-            ),
+            (6, "E", false, 0),
+            (4, "X", false, 0),
         ];
-        for (replay, ack, replayed) in cases {
+        for (seq, epoch, recovered, replayed) in cases {
+            let replay = Replay::Since {
+                seq,
+                epoch: epoch.to_string(),
+            };
+            let ack = format!(r#"{{"m":"ack","epoch":"E","seq":5,"recovered":{recovered}}}"#);
             let (broker, rx, _) = broker_with_session(3, 10);
             for n in 1..=5 {
                 publish(&broker, "t", &format!("e{n}")).unwrap();

@@ -395,6 +395,15 @@ smoke() {
   expect_http "${p}GET /stats counts the message and the subscriber" 200 \
     "topics.$topic.messages=1" "topics.$topic.subscribers=1"
 
+  # HTTP publish (issue 5) reaches the WebSocket subscriber like a WebSocket publish.
+  http POST "/topics/$topic/messages" '{"payload":{"n":2,"via":"http"}}'
+  expect_http "${p}POST /topics/{name}/messages publishes (201)" 201 status=published "topic=$topic" seq=2
+  ws_check "${p}HTTP publish -> event to the WebSocket subscriber" "${s}sub" type=event "topic=$topic" \
+    seq=2 'message.payload={"n":2,"via":"http"}'
+  http GET "/topics/$topic/messages?since_seq=1"
+  expect_http "${p}GET /topics/{name}/messages?since_seq=1 returns it" 200 "topic=$topic" \
+    messages.0.seq=2 'messages.0.payload={"n":2,"via":"http"}'
+
   ws_send "${s}sub" "{\"type\":\"unsubscribe\",\"topic\":\"$topic\",\"client_id\":\"smoke-sub\",\"request_id\":\"u1\"}"
   ws_check "${p}ws unsubscribe -> ack" "${s}sub" type=ack request_id=u1 status=ok
   http GET /stats
