@@ -300,9 +300,6 @@ fn a_request_for_another_http_version_is_answered_and_closed() {
 }
 
 #[test]
-#[ignore = "server bug: a malformed request line (a bad version such as http/1.1 or HTT{/1.1, \
-            or extra words: GET /a /b HTTP/1.1) is answered 505 HTTP Version Not Supported \
-            with code BAD_REQUEST; it is bad input, 400"]
 fn a_malformed_request_line_gets_400_not_505() {
     // Not a version the server refuses to speak: not a version at all (RFC 9112 2.3: the
     // name is case-sensitive, HTTP-version = "HTTP/" DIGIT "." DIGIT), or not a request line

@@ -542,10 +542,6 @@ fn a_websocket_flood_beyond_the_descriptor_limit_does_not_crash_and_the_server_r
 }
 
 #[test]
-#[ignore = "server bug: after a descriptor flood the acceptor, which freed its spare descriptor \
-            and blocked in accept(), refuses the next client 503 \"out of file descriptors\" \
-            whenever it comes, though descriptors are free again (the spare is not reopened \
-            until then)"]
 fn a_websocket_flood_beyond_the_descriptor_limit_is_refused_logged_once_a_second_and_over() {
     let mut server = server_with_nofile(64, &[("MAX_CONNECTIONS", "1000"), ("LOG_LEVEL", "INFO")]);
     let flood = descriptor_flood(&mut server, 80);
