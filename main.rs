@@ -1169,6 +1169,8 @@ mod broker {
         TopicExists,
         /// Shutdown has begun: no new subscriptions or publishes.
         Closed,
+        /// The session was cut (a slow consumer) between its reader's check and this call.
+        SessionEnded,
     }
 
     /// What a subscription replays before live events.
@@ -1470,7 +1472,7 @@ mod broker {
                 .get_mut(name)
                 .ok_or(BrokerError::TopicNotFound)?;
             let Some(session) = state.sessions.get_mut(&id) else {
-                return Err(BrokerError::Closed);
+                return Err(BrokerError::SessionEnded);
             };
             let (replayed, recovered) = if session.topics.contains(&topic.name) {
                 (0, matches!(replay, Replay::Since { .. }).then_some(false))
@@ -2410,14 +2412,21 @@ impl Callback for UpgradeAuth<'_> {
     }
 }
 
-/// Checks the API key of a WebSocket upgrade: the `X-API-Key` header or the `api_key` query
-/// parameter (browsers cannot set headers on a WebSocket).
+/// Checks the API key of a WebSocket upgrade: the `X-API-Key` header, `Authorization: Bearer`,
+/// or the `api_key` query parameter (browsers cannot set headers on a WebSocket).
 fn upgrade_is_authorized(request: &UpgradeRequest, api_key: Option<&str>) -> bool {
     let Some(expected) = api_key else { return true };
     let from_header = request
         .headers()
         .get("x-api-key")
         .map(HeaderValue::as_bytes);
+    let from_bearer = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("Bearer"))
+        .map(|(_, credentials)| credentials.trim_start().as_bytes());
     let from_query = request
         .uri()
         .query()
@@ -2425,7 +2434,7 @@ fn upgrade_is_authorized(request: &UpgradeRequest, api_key: Option<&str>) -> boo
         .split('&')
         .find_map(|pair| pair.strip_prefix("api_key="))
         .map(str::as_bytes);
-    [from_header, from_query]
+    [from_header, from_bearer, from_query]
         .into_iter()
         .flatten()
         .any(|given| keys_match(expected, given))
@@ -2630,6 +2639,8 @@ fn handle_request(text: &str, session: &Session<'_>) -> Option<Outgoing> {
                     ErrorCode::Internal,
                     "the server is shutting down".to_string(),
                 ),
+                // The writer is about to send SLOW_CONSUMER and close: nothing more to say.
+                BrokerError::SessionEnded => return None,
             };
             error_reply(request_id, code, &message, &ts)
         }
@@ -3370,7 +3381,7 @@ impl RestError {
         match error {
             BrokerError::TopicNotFound => RestError::TopicNotFound(topic.to_string()),
             BrokerError::TopicExists => RestError::TopicExists(topic.to_string()),
-            BrokerError::Closed => RestError::ShuttingDown,
+            BrokerError::Closed | BrokerError::SessionEnded => RestError::ShuttingDown,
         }
     }
 
