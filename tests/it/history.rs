@@ -331,6 +331,21 @@ fn history_keeps_payloads_byte_for_byte() {
     assert_eq!(messages, json!(expected));
 }
 
+/// Checks each `(query, seqs)`: the history of `orders` (8 events published, `events`) is
+/// exactly those events, oldest first.
+fn assert_history_cases(server: &Server, events: &[Value], epoch: &str, cases: &[(&str, &[u64])]) {
+    for &(query, expected_seqs) in cases {
+        let reply = history(server.addr, "orders", query);
+        let expected_messages: Vec<Value> = expected_seqs
+            .iter()
+            .map(|&seq| as_history_entry(&events[seq as usize - 1]))
+            .collect();
+        let expected =
+            json!({"topic": "orders", "epoch": epoch, "seq": 8, "messages": expected_messages});
+        assert_eq!(reply, expected, "{query}");
+    }
+}
+
 #[test]
 fn history_last_n_returns_the_newest_n_oldest_first() {
     let (server, mut subscriber, epoch) = server_with_subscriber(&[("RING_SIZE", "5")]);
@@ -343,16 +358,7 @@ fn history_last_n_returns_the_newest_n_oldest_first() {
         ("?last_n=6", &[4, 5, 6, 7, 8]),
         ("?last_n=1000", &[4, 5, 6, 7, 8]),
     ];
-    for (query, expected_seqs) in cases {
-        let reply = history(server.addr, "orders", query);
-        let expected_messages: Vec<Value> = expected_seqs
-            .iter()
-            .map(|&seq| as_history_entry(&events[seq as usize - 1]))
-            .collect();
-        let expected =
-            json!({"topic": "orders", "epoch": epoch, "seq": 8, "messages": expected_messages});
-        assert_eq!(reply, expected, "{query}");
-    }
+    assert_history_cases(&server, &events, &epoch, &cases);
 }
 
 #[test]
@@ -369,16 +375,7 @@ fn history_since_seq_returns_the_ring_events_after_it() {
         ("?since_seq=1", &[4, 5, 6, 7, 8]),
         ("?since_seq=0", &[4, 5, 6, 7, 8]),
     ];
-    for (query, expected_seqs) in cases {
-        let reply = history(server.addr, "orders", query);
-        let expected_messages: Vec<Value> = expected_seqs
-            .iter()
-            .map(|&seq| as_history_entry(&events[seq as usize - 1]))
-            .collect();
-        let expected =
-            json!({"topic": "orders", "epoch": epoch, "seq": 8, "messages": expected_messages});
-        assert_eq!(reply, expected, "{query}");
-    }
+    assert_history_cases(&server, &events, &epoch, &cases);
 }
 
 #[test]
