@@ -99,7 +99,7 @@ ulimit -n "$OPEN_FILES" 2>/dev/null ||
   die "cannot raise the open-file limit to $OPEN_FILES (hard limit: $(ulimit -Hn))"
 
 log "building the release server and the load generator"
-cargo build --release --quiet --example loadgen
+cargo build --release --quiet --example loadgen --example tiny_http_alone
 # Built last and on its own, so the binary measured has none of the dev-dependencies' features.
 cargo build --release --quiet --bin pubsub-backend
 
@@ -258,6 +258,13 @@ run_scenario "pubs 50" pubs --publishers 50 --duration "$D"
 run_scenario "conns 1000" conns --connections 1000
 run_scenario "conns 10000" conns --connections 10000
 run_scenario "rest" rest --connections 4 --cycle-connections 1 --duration "$D"
+# What the peek dispatcher and the hand-off to tiny_http cost per REST request: GET /health
+# alone, against pubsub-backend and against tiny_http on its own (examples/tiny_http_alone.rs,
+# same answer, same two workers).
+run_scenario "rest GET /health only" rest --connections 4 --cycle-connections 0 --duration "$D"
+SERVER=$TARGET_DIR/release/examples/tiny_http_alone
+run_scenario "rest GET /health only, tiny_http alone" rest --connections 4 --cycle-connections 0 --duration "$D"
+SERVER=$TARGET_DIR/release/pubsub-backend
 
 # ---- report --------------------------------------------------------------------------------
 
