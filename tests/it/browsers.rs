@@ -30,6 +30,11 @@ fn preflight_headers(origin: &str) -> [(&str, &str); 3] {
     ]
 }
 
+/// A CORS preflight of `path` from `origin`.
+fn preflight(addr: SocketAddr, path: &str, origin: &str) -> Response {
+    http(addr, "OPTIONS", path, &preflight_headers(origin), "")
+}
+
 /// Every `Access-Control-*` header of a response.
 fn cors_headers(response: &Response) -> Vec<&(String, String)> {
     response
@@ -98,7 +103,7 @@ fn a_preflight_from_an_allowed_origin_is_answered_for_every_route() {
     ];
     for origin in [APP, LOCAL_APP] {
         for (path, methods) in routes {
-            let response = http(server.addr, "OPTIONS", path, &preflight_headers(origin), "");
+            let response = preflight(server.addr, path, origin);
             assert_preflight_allows(&response, origin, methods);
         }
     }
@@ -107,13 +112,7 @@ fn a_preflight_from_an_allowed_origin_is_answered_for_every_route() {
 #[test]
 fn a_preflight_needs_no_api_key() {
     let server = Server::start_with(&[("CORS_ORIGINS", CORS_ORIGINS), ("API_KEY", KEY)]);
-    let response = http(
-        server.addr,
-        "OPTIONS",
-        "/topics",
-        &preflight_headers(APP),
-        "",
-    );
+    let response = preflight(server.addr, "/topics", APP);
     assert_preflight_allows(&response, APP, &["GET", "POST"]);
     // The request the preflight announced still needs the key.
     let body = r#"{"name":"orders"}"#;
@@ -143,13 +142,7 @@ fn a_preflight_from_another_origin_gets_no_allow_origin() {
         "null",
     ];
     for origin in others {
-        let response = http(
-            server.addr,
-            "OPTIONS",
-            "/topics",
-            &preflight_headers(origin),
-            "",
-        );
+        let response = preflight(server.addr, "/topics", origin);
         assert_eq!(response.status, 204, "{response:?}");
         assert_eq!(
             response.header("access-control-allow-origin"),
@@ -202,13 +195,7 @@ fn get_with_origin(addr: SocketAddr, path: &str, origin: Option<&str>) -> Respon
 fn a_star_allows_any_origin() {
     let server = Server::start_with(&[("CORS_ORIGINS", "*")]);
     for origin in [EVIL, LOCAL_APP] {
-        let response = http(
-            server.addr,
-            "OPTIONS",
-            "/topics",
-            &preflight_headers(origin),
-            "",
-        );
+        let response = preflight(server.addr, "/topics", origin);
         assert_eq!(response.status, 204, "{response:?}");
         let allow_origin = response.header("access-control-allow-origin");
         assert!(
@@ -224,13 +211,7 @@ fn a_star_allows_any_origin() {
 #[test]
 fn without_cors_origins_no_cors_header_is_ever_sent() {
     let server = Server::start();
-    let preflight = http(
-        server.addr,
-        "OPTIONS",
-        "/topics",
-        &preflight_headers(APP),
-        "",
-    );
+    let preflight = preflight(server.addr, "/topics", APP);
     assert!(
         cors_headers(&preflight).is_empty(),
         "CORS_ORIGINS is unset, yet the preflight answered with {:?}",
