@@ -20,7 +20,8 @@
 //! - The WebSocket session ([`serve_ws`]): a reader that parses requests and calls the broker,
 //!   and a [`Writer`] that alone writes frames; [`Outgoing`] is what flows between them.
 //! - REST ([`run_rest_worker`], [`handle_rest`]): tiny_http workers and the route handlers,
-//!   reached through a checking hand-off ([`proxy_to_rest`]) because tiny_http cannot adopt a
+//!   reached through a checking hand-off ([`proxy_to_rest`], over the pooled [`RestBackends`])
+//!   because tiny_http cannot adopt a
 //!   socket.
 //!
 //! ## Threads
@@ -31,7 +32,7 @@
 //! | `conn-N` | one client socket: peek, then WebSocket reader, or REST requests relayed to tiny_http one by one | socket read | peer closes, idle timeout, or `TcpStream::shutdown` from the writer or shutdown |
 //! | `ws-writer-N` | the only writer of one WebSocket | `recv_timeout` on its queue (also the heartbeat tick), socket write | the session closes; a write blocked for `WRITE_TIMEOUT_SEC` |
 //! | `rest-worker-N` | nothing; serves tiny_http requests | `Server::recv` | `Server::unblock` at shutdown |
-//! | tiny_http's own | its accept loop, and a parser per handed-off request | unix socket reads | after each request; process exit |
+//! | tiny_http's own | its accept loop, and a parser for each of the [`RestBackends`] | unix socket reads | process exit |
 //!
 //! ## Invariants
 //! - The broker does no I/O, never blocks on a queue (`try_send` only), and serializes nothing
@@ -57,6 +58,7 @@ use std::net::{
 };
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr as UnixSocketAddr, UnixListener, UnixStream};
+use std::panic::{self, AssertUnwindSafe};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TryRecvError};
@@ -212,7 +214,7 @@ fn run(config: Config) -> io::Result<()> {
     static REST_SERVER: OnceLock<tiny_http::Server> = OnceLock::new();
     let rest_server = REST_SERVER.get_or_init(|| rest_server);
 
-    let shared = Arc::new(Shared::new(config, rest_addr));
+    let shared = Arc::new(Shared::new(config, RestBackends::new(rest_addr)));
     let workers = (0..REST_WORKERS)
         .map(|n| {
             let shared = Arc::clone(&shared);
@@ -221,6 +223,7 @@ fn run(config: Config) -> io::Result<()> {
                 .spawn(move || run_rest_worker(rest_server, &shared))
         })
         .collect::<io::Result<Vec<_>>>()?;
+    shared.rest_backends.open_all()?;
     let acceptor = {
         let shared = Arc::clone(&shared);
         thread::Builder::new()
@@ -1661,15 +1664,13 @@ struct Shared {
     config: Config,
     broker: Broker,
     connections: Connections,
-    /// File descriptors connections may use ([`descriptor_budget`]).
-    descriptor_budget: usize,
     refusals: Refusals,
     metrics: Metrics,
     started: Instant,
     shutting_down: AtomicBool,
     next_connection_id: AtomicU64,
-    /// Where tiny_http listens; REST connections are pumped there.
-    rest_addr: UnixSocketAddr,
+    /// Connections to tiny_http; REST requests are pumped there.
+    rest_backends: RestBackends,
     /// Debug builds only: publishing to this topic panics under the broker lock (the
     /// integration tests set it with `PUBSUB_BACKEND_TEST_PANIC_TOPIC`).
     #[cfg(debug_assertions)]
@@ -1677,18 +1678,17 @@ struct Shared {
 }
 
 impl Shared {
-    fn new(config: Config, rest_addr: UnixSocketAddr) -> Shared {
+    fn new(config: Config, rest_backends: RestBackends) -> Shared {
         Shared {
             broker: Broker::new(config.ring_size),
             config,
             connections: Connections::default(),
-            descriptor_budget: descriptor_budget(),
             refusals: Refusals::default(),
             metrics: Metrics::default(),
             started: Instant::now(),
             shutting_down: AtomicBool::new(false),
             next_connection_id: AtomicU64::new(1),
-            rest_addr,
+            rest_backends,
             #[cfg(debug_assertions)]
             test_panic_topic: std::env::var("PUBSUB_BACKEND_TEST_PANIC_TOPIC").ok(),
         }
@@ -1717,28 +1717,15 @@ struct Connections {
 struct OpenConnections {
     sockets: HashMap<u64, Arc<TcpStream>>,
     websockets: usize,
-    /// REST connections, which hold [`REST_EXTRA_DESCRIPTORS`] more descriptors each.
-    rest: usize,
 }
-
-/// Descriptors a REST connection holds beyond its socket: both ends of its unix socket to
-/// tiny_http and tiny_http's clone of its end.
-const REST_EXTRA_DESCRIPTORS: usize = 3;
 
 /// Keeps a connection in [`Connections`] while it lives, counting it against
 /// `MAX_CONNECTIONS`; dropping it (even while a panic unwinds) frees the place.
 struct Registration {
     shared: Arc<Shared>,
     id: u64,
-    kind: ConnectionKind,
-}
-
-/// What a connection turned out to be, once routed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum ConnectionKind {
-    Unrouted,
-    WebSocket,
-    Rest,
+    /// Routed to a WebSocket session, which shutdown waits for.
+    websocket: bool,
 }
 
 impl Connections {
@@ -1756,7 +1743,7 @@ impl Connections {
         Some(Registration {
             shared: Arc::clone(shared),
             id,
-            kind: ConnectionKind::Unrouted,
+            websocket: false,
         })
     }
 
@@ -1789,19 +1776,7 @@ impl Registration {
     /// Counts this connection as a WebSocket session until it ends.
     fn mark_websocket(&mut self) {
         self.shared.connections.lock().websockets += 1;
-        self.kind = ConnectionKind::WebSocket;
-    }
-
-    /// Counts this connection as REST until it ends, if the descriptors it needs are there.
-    fn mark_rest(&mut self) -> bool {
-        let mut open = self.shared.connections.lock();
-        let in_use = open.sockets.len() + REST_EXTRA_DESCRIPTORS * (open.rest + 1);
-        if in_use > self.shared.descriptor_budget {
-            return false;
-        }
-        open.rest += 1;
-        self.kind = ConnectionKind::Rest;
-        true
+        self.websocket = true;
     }
 }
 
@@ -1810,10 +1785,8 @@ impl Drop for Registration {
         let connections = &self.shared.connections;
         let mut open = connections.lock();
         open.sockets.remove(&self.id);
-        match self.kind {
-            ConnectionKind::WebSocket => open.websockets -= 1,
-            ConnectionKind::Rest => open.rest -= 1,
-            ConnectionKind::Unrouted => {}
+        if self.websocket {
+            open.websockets -= 1;
         }
         connections.changed.notify_all();
     }
@@ -2054,14 +2027,6 @@ fn dispatch(
         Route::WebSocket => {
             registration.mark_websocket();
             serve_ws(socket, peer, shared, handshake_deadline)
-        }
-        Route::Rest if !registration.mark_rest() => {
-            refuse(
-                socket,
-                &shared.refusals,
-                "out of file descriptors for REST connections",
-            );
-            Ok(())
         }
         Route::Rest => proxy_to_rest(socket, peer, shared),
         Route::Closed => Ok(()),
@@ -2615,10 +2580,6 @@ fn handle_request(text: &str, session: &Session<'_>) -> Option<Outgoing> {
             result.map(|()| (topic, None))
         }
         Operation::Publish { topic, id, payload } => {
-            #[cfg(debug_assertions)]
-            if session.shared.test_panic_topic.as_deref() == Some(topic.as_str()) {
-                broker.panic_under_lock();
-            }
             publish(session.shared, topic, id, payload, &ts).map(|seq| (topic, Some(seq)))
         }
     };
@@ -2656,6 +2617,10 @@ fn publish(
     payload: &RawValue,
     ts: &str,
 ) -> Result<u64, BrokerError> {
+    #[cfg(debug_assertions)]
+    if shared.test_panic_topic.as_deref() == Some(topic) {
+        shared.broker.panic_under_lock();
+    }
     let event = ServerMessage::Event {
         topic,
         message: EventMessage { id, payload },
@@ -2871,11 +2836,8 @@ impl Writer {
 /// Serves a REST connection through tiny_http. tiny_http only serves connections it accepts
 /// itself and cannot adopt a socket we accepted, so it listens on a private unix socket. This
 /// thread reads the client's requests one at a time, each checked and whole (see
-/// [`RequestPump`]), hands each to tiny_http on a fresh unix connection marked
-/// `Connection: close`, and relays the answer back (see [`relay_response`]) before reading the
-/// next. One request per tiny_http connection matters: tiny_http 0.12's thread pool can leave a
-/// new connection queued behind long-lived ones (its idle-thread count races), which stalled
-/// requests on keep-alive connections for as long as other clients stayed connected.
+/// [`RequestPump`]), has tiny_http answer each on one of the [`RestBackends`], and writes the
+/// answer back before reading the next request, so answers keep the order of requests.
 fn proxy_to_rest(client: &Arc<TcpStream>, peer: Peer, shared: &Shared) -> io::Result<()> {
     let mut pump = RequestPump {
         client,
@@ -2893,10 +2855,8 @@ fn proxy_to_rest(client: &Arc<TcpStream>, peer: Peer, shared: &Shared) -> io::Re
             }
             Err(PumpEnd::Failed(error)) => break Err(error),
         };
-        let backend = UnixStream::connect_addr(&shared.rest_addr)?;
-        backend.set_read_timeout(Some(REST_IDLE_TIMEOUT))?;
-        (&backend).write_all(&request.bytes)?;
-        relay_response(&backend, client, request.close_after)?;
+        let answer = shared.rest_backends.exchange(&request)?;
+        (&**client).write_all(&answer.for_client(request.close_after))?;
         if request.close_after {
             break Ok(());
         }
@@ -2905,16 +2865,216 @@ fn proxy_to_rest(client: &Arc<TcpStream>, peer: Peer, shared: &Shared) -> io::Re
     result
 }
 
-/// Copies tiny_http's answer to the client, with its `Connection` header made to say what the
-/// client asked for rather than the `close` the hand-off asked tiny_http for. tiny_http closes
-/// the unix connection after the answer, which ends the copy.
-fn relay_response(backend: &UnixStream, client: &TcpStream, close_after: bool) -> io::Result<()> {
+/// How many keep-alive connections to tiny_http the REST hand-off holds: more than the
+/// [`REST_WORKERS`] that answer, so that the next requests are parsed while they work.
+const REST_BACKENDS: usize = 4;
+
+/// The unix connections to tiny_http, each carrying one request at a time and reused, which
+/// costs a third of a fresh connection per request. They are opened one at a time, each
+/// confirmed served before the next: tiny_http 0.12's thread pool counts its idle threads
+/// racily and can queue a new connection behind long-lived ones with no thread free to take
+/// it, forever. The answer is read whole before the connection goes back to the pool, so a
+/// client that reads slowly holds only its own thread.
+struct RestBackends {
+    addr: UnixSocketAddr,
+    pool: Mutex<BackendPool>,
+    returned: Condvar,
+}
+
+#[derive(Default)]
+struct BackendPool {
+    idle: Vec<UnixStream>,
+    /// Connections open, idle or in use.
+    open: usize,
+    /// A connection is being opened and confirmed (one at a time).
+    opening: bool,
+}
+
+/// A connection taken from the pool.
+struct Backend {
+    stream: UnixStream,
+    /// Used before, so tiny_http may have closed it since.
+    reused: bool,
+}
+
+/// tiny_http's whole answer to one request.
+struct BackendAnswer {
+    /// The status line and headers, without `Connection` and without the final empty line.
+    head: Vec<u8>,
+    body: Vec<u8>,
+}
+
+impl BackendAnswer {
+    /// The answer as the client gets it, its `Connection` header saying what the client asked.
+    fn for_client(&self, close_after: bool) -> Vec<u8> {
+        let mut bytes = Vec::with_capacity(self.head.len() + self.body.len() + 24);
+        bytes.extend_from_slice(&self.head);
+        if close_after {
+            append_header(&mut bytes, "Connection", b"close");
+        }
+        bytes.extend_from_slice(b"\r\n");
+        bytes.extend_from_slice(&self.body);
+        bytes
+    }
+}
+
+/// What a new connection to tiny_http asks first: an answer proves that a thread of
+/// tiny_http's pool serves it ([`handle_rest`] answers it without counting it).
+const BACKEND_PROBE: &[u8] = b"OPTIONS * HTTP/1.1\r\n\r\n";
+
+impl RestBackends {
+    /// A pool for tiny_http at `addr`, with no connection open yet.
+    fn new(addr: UnixSocketAddr) -> RestBackends {
+        RestBackends {
+            addr,
+            pool: Mutex::default(),
+            returned: Condvar::new(),
+        }
+    }
+
+    /// Opens every connection of the pool (the REST workers must be running), so that the
+    /// server's descriptors and threads stay the same from start-up on.
+    fn open_all(&self) -> io::Result<()> {
+        let opened = (0..REST_BACKENDS)
+            .map(|_| self.checkout())
+            .collect::<io::Result<Vec<_>>>()?;
+        for backend in opened {
+            self.checkin(Some(backend.stream));
+        }
+        Ok(())
+    }
+
+    /// Has tiny_http answer `request`. A reused connection that tiny_http has closed since
+    /// (it closes after a request it cannot parse) fails before a byte of answer; the request
+    /// never ran, so it is sent again on another connection.
+    fn exchange(&self, request: &ForwardedRequest) -> io::Result<BackendAnswer> {
+        loop {
+            let backend = self.checkout()?;
+            match ask(&backend.stream, &request.bytes, request.is_head) {
+                Ok(Some(answer)) => {
+                    self.checkin(Some(backend.stream));
+                    return Ok(answer);
+                }
+                Ok(None) if backend.reused => self.checkin(None),
+                Ok(None) => {
+                    self.checkin(None);
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "tiny_http closed without answering",
+                    ));
+                }
+                Err(error) => {
+                    self.checkin(None);
+                    return Err(error);
+                }
+            }
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, BackendPool> {
+        self.pool.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// An idle connection, or a new one while the pool has room, or the next one returned.
+    fn checkout(&self) -> io::Result<Backend> {
+        let mut pool = self.lock();
+        loop {
+            if let Some(stream) = pool.idle.pop() {
+                return Ok(Backend {
+                    stream,
+                    reused: true,
+                });
+            }
+            if pool.open < REST_BACKENDS && !pool.opening {
+                pool.opening = true;
+                drop(pool);
+                let opened = self.open();
+                pool = self.lock();
+                pool.opening = false;
+                pool.open += usize::from(opened.is_ok());
+                self.returned.notify_all();
+                return opened.map(|stream| Backend {
+                    stream,
+                    reused: false,
+                });
+            }
+            let (guard, timeout) = self
+                .returned
+                .wait_timeout(pool, REST_IDLE_TIMEOUT)
+                .unwrap_or_else(PoisonError::into_inner);
+            pool = guard;
+            if timeout.timed_out() && pool.idle.is_empty() {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "no connection to tiny_http came free",
+                ));
+            }
+        }
+    }
+
+    /// Gives a connection back, or `None` for one that is closed or out of step.
+    fn checkin(&self, stream: Option<UnixStream>) {
+        let mut pool = self.lock();
+        match stream {
+            Some(stream) => pool.idle.push(stream),
+            None => pool.open -= 1,
+        }
+        self.returned.notify_one();
+    }
+
+    fn open(&self) -> io::Result<UnixStream> {
+        let stream = UnixStream::connect_addr(&self.addr)?;
+        stream.set_read_timeout(Some(REST_IDLE_TIMEOUT))?;
+        match ask(&stream, BACKEND_PROBE, false)? {
+            Some(_) => Ok(stream),
+            None => Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "tiny_http closed a new connection",
+            )),
+        }
+    }
+}
+
+/// Sends one request on `backend` and reads tiny_http's answer whole: `None` if the
+/// connection turns out closed before a byte of it.
+fn ask(backend: &UnixStream, request: &[u8], is_head: bool) -> io::Result<Option<BackendAnswer>> {
+    let closed = |error: &io::Error| {
+        matches!(
+            error.kind(),
+            io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+        )
+    };
+    match (&*backend).write_all(request) {
+        Err(error) if closed(&error) => return Ok(None),
+        result => result?,
+    }
     let mut buf = Vec::new();
-    let head_len = loop {
+    let (head, head_len, body_len) = loop {
+        let mut chunk = [0u8; 8192];
+        let n = match (&*backend).read(&mut chunk) {
+            Ok(0) if buf.is_empty() => return Ok(None),
+            Err(error) if buf.is_empty() && closed(&error) => return Ok(None),
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "tiny_http closed in the middle of an answer",
+                ))
+            }
+            result => result?,
+        };
+        buf.extend_from_slice(&chunk[..n]);
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut response = httparse::Response::new(&mut headers);
         match response.parse(&buf) {
             Ok(httparse::Status::Complete(head_len)) => {
+                let status = response.code.unwrap_or_default();
+                let body_len = if is_head || matches!(status, 100..=199 | 204 | 304) {
+                    0
+                } else {
+                    content_length(response.headers).ok_or_else(|| {
+                        io::Error::other("tiny_http answered without a Content-Length")
+                    })?
+                };
                 let status_line_end = buf
                     .windows(2)
                     .position(|pair| pair == b"\r\n")
@@ -2927,24 +3087,9 @@ fn relay_response(backend: &UnixStream, client: &TcpStream, close_after: bool) -
                 {
                     append_header(&mut head, header.name, header.value);
                 }
-                if close_after {
-                    append_header(&mut head, "Connection", b"close");
-                }
-                head.extend_from_slice(b"\r\n");
-                (&*client).write_all(&head)?;
-                break head_len;
+                break (head, head_len, body_len);
             }
-            Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD_BYTES => {
-                let mut chunk = [0u8; 8192];
-                let n = (&*backend).read(&mut chunk)?;
-                if n == 0 {
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "tiny_http closed without answering",
-                    ));
-                }
-                buf.extend_from_slice(&chunk[..n]);
-            }
+            Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD_BYTES => {}
             _ => {
                 return Err(io::Error::other(
                     "tiny_http answered with an unreadable head",
@@ -2952,9 +3097,33 @@ fn relay_response(backend: &UnixStream, client: &TcpStream, close_after: bool) -
             }
         }
     };
-    (&*client).write_all(&buf[head_len..])?;
-    io::copy(&mut &*backend, &mut &*client)?;
-    Ok(())
+    let end = head_len + body_len;
+    buf.reserve(end.saturating_sub(buf.len()));
+    while buf.len() < end {
+        let mut chunk = [0u8; 8192];
+        let n = (&*backend).read(&mut chunk)?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "tiny_http closed in the middle of an answer",
+            ));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    if buf.len() > end {
+        return Err(io::Error::other(
+            "tiny_http answered more than it announced",
+        ));
+    }
+    buf.drain(..head_len);
+    Ok(Some(BackendAnswer { head, body: buf }))
+}
+
+fn content_length(headers: &[httparse::Header<'_>]) -> Option<usize> {
+    let header = headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("Content-Length"))?;
+    std::str::from_utf8(header.value).ok()?.trim().parse().ok()
 }
 
 fn append_header(head: &mut Vec<u8>, name: &str, value: &[u8]) {
@@ -2967,6 +3136,8 @@ fn append_header(head: &mut Vec<u8>, name: &str, value: &[u8]) {
 /// One checked request, ready for tiny_http.
 struct ForwardedRequest {
     bytes: Vec<u8>,
+    /// A `HEAD` request, whose answer has a `Content-Length` but no body.
+    is_head: bool,
     /// The client asked to close after this request (`Connection: close`, or HTTP/1.0
     /// without `keep-alive`).
     close_after: bool,
@@ -3077,6 +3248,15 @@ impl RequestPump<'_> {
         if head_len > MAX_HEAD_BYTES {
             return Err(head_too_large());
         }
+        // tiny_http drops a connection whose head is not ASCII without an answer.
+        if !self.buf[..head_len].is_ascii() {
+            let message = "the request line and headers must be ASCII";
+            return Err(refusal(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::BadRequest,
+                message,
+            ));
+        }
         if expects_continue && self.buf.len() == head_len {
             self.client_write(b"HTTP/1.1 100 Continue\r\n\r\n")?;
         }
@@ -3090,7 +3270,11 @@ impl RequestPump<'_> {
         let mut bytes = head;
         bytes.extend_from_slice(&self.buf[head_len..head_len + body_len]);
         self.buf.drain(..head_len + body_len);
-        Ok(ForwardedRequest { bytes, close_after })
+        Ok(ForwardedRequest {
+            is_head: bytes.starts_with(b"HEAD "),
+            bytes,
+            close_after,
+        })
     }
 
     /// The body's framing from the headers, and whether the client waits for `100 Continue`.
@@ -3249,8 +3433,10 @@ impl RequestPump<'_> {
 }
 
 /// The head as tiny_http gets it: without `Expect` (tiny_http would answer `100-continue`
-/// only once a handler reads the body, which is forwarded whole, so the pump answers it) and
-/// with `Connection: close` (one request per tiny_http connection, see [`proxy_to_rest`]).
+/// only once a handler reads the body, which is forwarded whole, so the pump answers it),
+/// without the client's hop-by-hop headers, and with `Connection: keep-alive`, since the
+/// connection to tiny_http is the pool's (see [`RestBackends`]), not the client's. (`TE` would
+/// let a client ask for a chunked answer, which [`ask`] does not read.)
 fn forwarded_head(head: &[u8], headers: &[httparse::Header<'_>]) -> Vec<u8> {
     let request_line_end = head
         .windows(2)
@@ -3258,12 +3444,14 @@ fn forwarded_head(head: &[u8], headers: &[httparse::Header<'_>]) -> Vec<u8> {
         .map_or(0, |end| end + 2);
     let mut rebuilt = head[..request_line_end].to_vec();
     let dropped = |h: &&httparse::Header<'_>| {
-        h.name.eq_ignore_ascii_case("Expect") || h.name.eq_ignore_ascii_case("Connection")
+        ["Expect", "Connection", "Keep-Alive", "TE"]
+            .iter()
+            .any(|name| h.name.eq_ignore_ascii_case(name))
     };
     for header in headers.iter().filter(|h| !dropped(h)) {
         append_header(&mut rebuilt, header.name, header.value);
     }
-    append_header(&mut rebuilt, "Connection", b"close");
+    append_header(&mut rebuilt, "Connection", b"keep-alive");
     rebuilt.extend_from_slice(b"\r\n");
     rebuilt
 }
@@ -3485,6 +3673,16 @@ impl<'a> RestRoute<'a> {
 
 /// Answers one REST request; a failed answer means the client has gone.
 fn handle_rest(mut request: tiny_http::Request, shared: &Shared) {
+    // `OPTIONS *` asks about the server as a whole (RFC 9110 9.3.7). The hand-off sends it to
+    // confirm each new connection to tiny_http, so it is not counted.
+    if *request.method() == tiny_http::Method::Options && request.url() == "*" {
+        let mut response = tiny_http::Response::empty(204);
+        if let Ok(allow) = tiny_http::Header::from_bytes("Allow", "GET, POST, DELETE, OPTIONS") {
+            response.add_header(allow);
+        }
+        let _ = request.respond(response);
+        return;
+    }
     let path = request
         .url()
         .split('?')
@@ -3494,11 +3692,22 @@ fn handle_rest(mut request: tiny_http::Request, shared: &Shared) {
     let route = RestRoute::parse(&path).map_or("other", |route| route.label());
     let origin =
         header_value(&request, "Origin").filter(|origin| shared.config.cors_allows(origin));
-    let reply = route_rest(&mut request, shared).unwrap_or_else(RestError::into_reply);
+    // A handler that panics (a bug) must not take the worker with it.
+    let reply = panic::catch_unwind(AssertUnwindSafe(|| route_rest(&mut request, shared)))
+        .unwrap_or_else(|_| {
+            log::error!("a REST handler panicked: answered 500");
+            Err(RestError::Internal(
+                "the request failed; see the server log".into(),
+            ))
+        })
+        .unwrap_or_else(RestError::into_reply);
     log::debug!("REST {} {path} -> {}", request.method(), reply.status);
     shared.metrics.count_rest_request(route, reply.status);
 
-    let mut response = tiny_http::Response::from_string(reply.body).with_status_code(reply.status);
+    // Never chunked: the hand-off reads answers by their Content-Length (see [`ask`]).
+    let mut response = tiny_http::Response::from_string(reply.body)
+        .with_status_code(reply.status)
+        .with_chunked_threshold(usize::MAX);
     let is_preflight = *request.method() == tiny_http::Method::Options;
     let cors = origin.into_iter().flat_map(|origin| {
         let mut headers = vec![

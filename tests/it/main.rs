@@ -40,6 +40,10 @@
 //! - [`shutdown_load`]: SIGTERM under load loses no acked message.
 //! - [`auth_bypass`]: no way past `API_KEY`, and the key never logged.
 //! - [`panics`]: a panic under the broker lock closes only its connection.
+//!
+//! Issue 3, performance (speed targets live in `bench.sh`, not here):
+//! - [`rest_handoff`]: the pool of reused connections to tiny_http: answers framed right
+//!   (HEAD, over 32 KiB), each to the client that asked, `OPTIONS *`, non-ASCII heads.
 
 mod harness;
 mod http_client;
@@ -62,6 +66,7 @@ mod panics;
 mod protocol;
 mod replay;
 mod rest;
+mod rest_handoff;
 mod resume;
 mod shutdown_load;
 mod slow_clients;

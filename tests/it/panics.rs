@@ -1,12 +1,13 @@
 //! A panic in one connection's thread (issue 4): with the debug-build test hook
 //! `PUBSUB_BACKEND_TEST_PANIC_TOPIC=boom`, publishing to `boom` panics while holding the broker
 //! lock. The poisoned lock is recovered: the panicking connection is closed and its
-//! subscriptions are gone, everyone else carries on, and the process lives.
+//! subscriptions are gone, everyone else carries on, and the process lives. Over HTTP publish,
+//! the request gets a 500 error and the REST workers live on.
 
 use serde_json::json;
 
 use crate::harness::Server;
-use crate::http_client::{create_topic, delete, health, stats};
+use crate::http_client::{create_topic, delete, health, post, stats};
 use crate::ws_client::{publish_request, WsClient};
 
 /// The topic whose publishes panic.
@@ -98,10 +99,35 @@ fn a_panic_under_the_broker_lock_closes_only_its_connection() {
     );
     assert_eq!(health(addr)["subscribers"], 1);
 
+    assert_each_panic_logged_once(&server, "panicked");
+}
+
+/// The same panic reached over HTTP publish: each request gets a 500 error, and the REST workers
+/// (two) live on to serve every request after it.
+#[test]
+fn a_panic_in_a_rest_handler_answers_500_and_rest_keeps_working() {
+    let server = Server::start_with(&[("PUBSUB_BACKEND_TEST_PANIC_TOPIC", BOOM)]);
+    let addr = server.addr;
+    create_topic(addr, BOOM);
+    create_topic(addr, "orders");
+    let path = format!("/topics/{BOOM}/messages");
+    for round in 0..PANICS {
+        let answer = post(addr, &path, &format!(r#"{{"payload":{round}}}"#));
+        answer.expect_error(500, "INTERNAL");
+        let published = post(addr, "/topics/orders/messages", r#"{"payload":1}"#);
+        assert_eq!(published.expect_json(201)["seq"], round + 1);
+    }
+    let topics = stats(addr)["topics"].clone();
+    assert_eq!(topics[BOOM]["messages"], 0, "{topics}");
+    assert_eq!(topics["orders"]["messages"], PANICS, "{topics}");
+    assert_each_panic_logged_once(&server, "REST handler panicked");
+}
+
+fn assert_each_panic_logged_once(server: &Server, text: &str) {
     let panics = server
         .log_lines()
         .iter()
-        .filter(|line| line.contains(" ERROR ") && line.contains("panicked"))
+        .filter(|line| line.contains(" ERROR ") && line.contains(text))
         .count();
     assert_eq!(panics, PANICS, "each panic is logged once");
 }
