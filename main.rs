@@ -21,8 +21,7 @@
 //!   and a [`Writer`] that alone writes frames; [`Outgoing`] is what flows between them.
 //! - REST ([`run_rest_worker`], [`handle_rest`]): tiny_http workers and the route handlers,
 //!   reached through a checking hand-off ([`proxy_to_rest`], over the pooled [`RestBackends`])
-//!   because tiny_http cannot adopt a
-//!   socket.
+//!   because tiny_http cannot adopt a socket.
 //!
 //! ## Threads
 //! | thread | owns | blocks in | exits when |
@@ -1130,15 +1129,39 @@ fn timestamp() -> String {
 }
 
 /// One item on a connection's outbound queue. Only the connection's writer thread turns items
-/// into bytes on the socket.
+/// into bytes on the socket. An item is a pointer and a tag, 16 bytes: `sync_channel` allocates
+/// every connection's `QUEUE_SIZE` slots up front, so each byte here costs `QUEUE_SIZE` bytes
+/// per connection.
 #[derive(Debug)]
 enum Outgoing {
-    /// A complete JSON text frame: ack, error, info or replayed event.
+    /// A live event, one allocation shared by every subscriber's queue.
+    Event(Arc<LiveEvent>),
+    /// Anything else, at most one per request the connection sends.
+    Reply(Box<Reply>),
+    /// Nothing to write: look at the session's [`Ending`] (sent when shutdown begins).
+    Wake,
+}
+
+const _: () = assert!(std::mem::size_of::<Outgoing>() == 16);
+
+impl Outgoing {
+    fn text(frame: Utf8Bytes) -> Outgoing {
+        Outgoing::Reply(Box::new(Reply::Text(frame)))
+    }
+}
+
+/// A published event as its subscribers' writers get it.
+#[derive(Debug)]
+struct LiveEvent {
+    frame: Utf8Bytes,
+    /// When the publish was accepted ([`Shared::clock_us`]), for the publish-to-write histogram.
+    accepted_us: u32,
+}
+
+#[derive(Debug)]
+enum Reply {
+    /// A complete JSON text frame: ack, error or info.
     Text(Utf8Bytes),
-    /// A live event, whose bytes are shared by every subscriber's queue (`Utf8Bytes` clones
-    /// share one buffer), and when it was accepted ([`Shared::clock_us`]) for the
-    /// publish-to-write histogram.
-    Event(Utf8Bytes, u32),
     /// A subscribe ack followed by its replayed events, queued as one item under the broker lock
     /// so that no live event can come between them.
     Batch(Box<[Utf8Bytes]>),
@@ -1146,8 +1169,6 @@ enum Outgoing {
     Pong(Bytes),
     /// Send a Close frame with this code and reason, then write nothing more.
     Close(CloseCode, &'static str),
-    /// Nothing to write: look at the session's [`Ending`] (sent when shutdown begins).
-    Wake,
 }
 
 /// The broker: topics, their replay rings and subscribers, and every WebSocket session's queue.
@@ -1160,7 +1181,7 @@ mod broker {
 
     use tungstenite::Utf8Bytes;
 
-    use super::{Outgoing, Unfinished};
+    use super::{LiveEvent, Outgoing, Reply, Unfinished};
 
     /// Identifies one WebSocket connection for its whole life.
     pub type SessionId = u64;
@@ -1361,7 +1382,7 @@ mod broker {
                 }
                 if subscriber
                     .tx
-                    .try_send(Outgoing::Text(notice.clone()))
+                    .try_send(Outgoing::text(notice.clone()))
                     .is_err()
                 {
                     overflowed.push(subscriber.session);
@@ -1489,14 +1510,15 @@ mod broker {
             };
             let ack = ack.with_position(&topic.epoch, topic.last_seq, recovered);
             let item = if replayed == 0 {
-                Outgoing::Text(ack)
+                Outgoing::text(ack)
             } else {
                 let replay = topic
                     .ring
                     .iter()
                     .skip(topic.ring.len() - replayed)
                     .map(|e| e.frame.clone());
-                Outgoing::Batch(std::iter::once(ack).chain(replay).collect())
+                let frames = std::iter::once(ack).chain(replay).collect();
+                Outgoing::Reply(Box::new(Reply::Batch(frames)))
             };
             if session.tx.try_send(item).is_err() {
                 state.cut(id, Ending::SlowConsumer, None);
@@ -1551,12 +1573,10 @@ mod broker {
                     frame: frame.clone(),
                 });
             }
+            let live = Arc::new(LiveEvent { frame, accepted_us });
             let mut overflowed = Vec::new();
             for subscriber in &topic.subscribers {
-                match subscriber
-                    .tx
-                    .try_send(Outgoing::Event(frame.clone(), accepted_us))
-                {
+                match subscriber.tx.try_send(Outgoing::Event(Arc::clone(&live))) {
                     Ok(()) => topic.delivered += 1,
                     Err(TrySendError::Full(_)) => {
                         overflowed.push((subscriber.session, Ending::SlowConsumer))
@@ -1698,8 +1718,8 @@ impl Shared {
         self.shutting_down.load(Ordering::SeqCst)
     }
 
-    /// Microseconds since start, wrapping every 71 minutes: stamps events compactly (an
-    /// [`Outgoing`] stays 40 bytes) for latencies far shorter than that.
+    /// Microseconds since start, wrapping every 71 minutes: stamps events compactly, for
+    /// latencies far shorter than that.
     fn clock_us(&self) -> u32 {
         self.started.elapsed().as_micros() as u32
     }
@@ -2315,7 +2335,9 @@ fn serve_ws(
     }
     if let Some((code, reason)) = end.close_reply() {
         // Blocks while the queue is full; the writer drains it or gives up at its write timeout.
-        let _ = session.tx.send(Outgoing::Close(code, reason));
+        let _ = session
+            .tx
+            .send(Outgoing::Reply(Box::new(Reply::Close(code, reason))));
     }
     drop(session);
     join_quietly(writer);
@@ -2502,7 +2524,7 @@ fn read_requests(ws: &mut WebSocket<ReaderSocket>, session: &Session<'_>) -> Rea
                 "binary frames are not supported: send each request as a JSON text frame",
                 &timestamp(),
             )),
-            Message::Ping(data) => Some(Outgoing::Pong(data)),
+            Message::Ping(data) => Some(Outgoing::Reply(Box::new(Reply::Pong(data)))),
             Message::Close(frame) => return ReadEnd::PeerClosed(frame.map(|f| f.code)),
             _ => None,
         };
@@ -2541,7 +2563,7 @@ fn handle_request(text: &str, session: &Session<'_>) -> Option<Outgoing> {
     };
     let outcome = match &request.op {
         Operation::Ping => {
-            return Some(Outgoing::Text(
+            return Some(Outgoing::text(
                 ServerMessage::Pong {
                     request_id,
                     ts: &ts,
@@ -2584,7 +2606,7 @@ fn handle_request(text: &str, session: &Session<'_>) -> Option<Outgoing> {
         }
     };
     Some(match outcome {
-        Ok((topic, seq)) => Outgoing::Text(ack(topic, seq).to_frame()),
+        Ok((topic, seq)) => Outgoing::text(ack(topic, seq).to_frame()),
         Err(error) => {
             let topic = request.op.topic().unwrap_or_default();
             let (code, message) = match error {
@@ -2644,7 +2666,7 @@ impl Operation<'_> {
 
 fn error_reply(request_id: Option<&str>, code: ErrorCode, message: &str, ts: &str) -> Outgoing {
     let error = ErrorBody { code, message };
-    Outgoing::Text(
+    Outgoing::text(
         ServerMessage::Error {
             request_id,
             topic: None,
@@ -2786,21 +2808,23 @@ impl Writer {
     /// Encodes one item; returns true once a Close frame has been sent.
     fn write_item(&mut self, item: Outgoing) -> tungstenite::Result<bool> {
         match item {
-            Outgoing::Text(frame) => self.ws.write(Message::Text(frame))?,
-            Outgoing::Event(frame, accepted_us) => {
-                self.ws.write(Message::Text(frame))?;
-                self.unflushed.push(accepted_us);
+            Outgoing::Event(event) => {
+                self.ws.write(Message::Text(event.frame.clone()))?;
+                self.unflushed.push(event.accepted_us);
             }
-            Outgoing::Batch(frames) => {
-                for frame in frames {
-                    self.ws.write(Message::Text(frame))?;
+            Outgoing::Reply(reply) => match *reply {
+                Reply::Text(frame) => self.ws.write(Message::Text(frame))?,
+                Reply::Batch(frames) => {
+                    for frame in frames {
+                        self.ws.write(Message::Text(frame))?;
+                    }
                 }
-            }
-            Outgoing::Pong(data) => self.ws.write(Message::Pong(data))?,
-            Outgoing::Close(code, reason) => {
-                self.close(code, reason)?;
-                return Ok(true);
-            }
+                Reply::Pong(data) => self.ws.write(Message::Pong(data))?,
+                Reply::Close(code, reason) => {
+                    self.close(code, reason)?;
+                    return Ok(true);
+                }
+            },
             Outgoing::Wake => {}
         }
         Ok(false)
@@ -4712,8 +4736,12 @@ mod tests {
     /// The next queued item's frames, or what else it is.
     fn next(rx: &Receiver<Outgoing>) -> Vec<String> {
         match rx.try_recv() {
-            Ok(Outgoing::Text(frame) | Outgoing::Event(frame, _)) => vec![frame.to_string()],
-            Ok(Outgoing::Batch(frames)) => frames.iter().map(|f| f.to_string()).collect(),
+            Ok(Outgoing::Event(event)) => vec![event.frame.to_string()],
+            Ok(Outgoing::Reply(reply)) => match *reply {
+                Reply::Text(frame) => vec![frame.to_string()],
+                Reply::Batch(frames) => frames.iter().map(|f| f.to_string()).collect(),
+                other => vec![format!("{other:?}")],
+            },
             other => vec![format!("{other:?}")],
         }
     }
