@@ -8,7 +8,9 @@
 # limit to 20,000, then for every scenario starts a fresh release server (HOST=127.0.0.1
 # PORT=0), runs the load generator against it while sampling the server's VmRSS and Threads
 # from /proc, and stops it. Before that, `loadgen ready` starts the server a few times on its
-# own to measure the time from exec to the first answered GET /health and the idle RSS.
+# own to measure the time from exec to the first answered GET /health and the idle RSS. With the
+# x86_64-unknown-linux-musl target installed, also the static build the Docker image holds: its
+# memory per connection (conns 1000) and its size.
 #
 # Prints a Markdown table, then the raw JSON line of every scenario. Columns:
 #   key result        the scenario's headline (loadgen's "summary")
@@ -102,6 +104,16 @@ log "building the release server and the load generator"
 cargo build --release --quiet --example loadgen --example tiny_http_alone
 # Built last and on its own, so the binary measured has none of the dev-dependencies' features.
 cargo build --release --quiet --bin pubsub-backend
+# The static musl build is what the Docker image holds (and all it holds): its size, and its
+# memory per connection, which differs from glibc's. Skipped without the target.
+MUSL_TARGET=x86_64-unknown-linux-musl
+MUSL_SERVER=$TARGET_DIR/$MUSL_TARGET/release/pubsub-backend
+if rustup target list --installed 2>/dev/null | grep -qx "$MUSL_TARGET"; then
+  cargo build --release --quiet --bin pubsub-backend --target "$MUSL_TARGET"
+else
+  MUSL_SERVER=""
+  log "no $MUSL_TARGET target (rustup target add $MUSL_TARGET): the musl rows are skipped"
+fi
 
 # ---- the server ----------------------------------------------------------------------------
 
@@ -257,6 +269,14 @@ run_scenario "fanout 10x100 max" fanout --topics 10 --subscribers 1000 --rate ma
 run_scenario "pubs 50" pubs --publishers 50 --duration "$D"
 run_scenario "conns 1000" conns --connections 1000
 run_scenario "conns 10000" conns --connections 10000
+if [[ -n $MUSL_SERVER ]]; then
+  SERVER=$MUSL_SERVER
+  run_scenario "conns 1000, static musl build (the Docker image's)" conns --connections 1000
+  SERVER=$TARGET_DIR/release/pubsub-backend
+  MUSL_BYTES=$(stat -c %s "$MUSL_SERVER")
+  echo "{\"scenario\":\"image\",\"binary_bytes\":$MUSL_BYTES,\"summary\":\"$(awk -v b="$MUSL_BYTES" 'BEGIN { printf "%.2f MiB", b / 1048576 }') static binary, the only file of the FROM scratch image\"}" >"$WORK/image.json"
+  add_row "Docker image contents (musl binary)" "$WORK/image.json" - ""
+fi
 run_scenario "rest" rest --connections 4 --cycle-connections 1 --duration "$D"
 # What the peek dispatcher and the hand-off to tiny_http cost per REST request: GET /health
 # alone, against pubsub-backend and against tiny_http on its own (examples/tiny_http_alone.rs,
