@@ -28,7 +28,8 @@
 //! |---|---|---|---|
 //! | `main` | start-up, shutdown | waiting for SIGTERM/SIGINT | after shutdown |
 //! | `acceptor` | the listening socket; refusals | `accept` | shutdown flag, woken by a self-connect |
-//! | `conn-N` | one client socket: peek, then WebSocket reader, or REST requests relayed to tiny_http one by one | socket read | peer closes, idle timeout, or `TcpStream::shutdown` from the writer or shutdown |
+//! | `conn-N` | one new client socket: peek, then the WebSocket handshake, or REST requests relayed to tiny_http one by one | socket read | the handshake is done (or failed); for REST, peer closes, idle timeout, or `TcpStream::shutdown` at shutdown |
+//! | `ws-reader-N` | one WebSocket after its handshake: reads and executes requests | socket read | peer closes, two heartbeats of silence, or `TcpStream::shutdown` from the writer or shutdown |
 //! | `ws-writer-N` | the only writer of one WebSocket | `recv_timeout` on its queue (also the heartbeat tick), socket write | the session closes; a write blocked for `WRITE_TIMEOUT_SEC` |
 //! | `rest-worker-N` | nothing; serves tiny_http requests | `Server::recv` | `Server::unblock` at shutdown |
 //! | tiny_http's own | its accept loop, and a parser for each of the [`RestBackends`] | unix socket reads | process exit |
@@ -91,9 +92,15 @@ const REST_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// before the TCP connection is dropped (RFC 6455 7.1.1: the server closes TCP first).
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Stack size of every per-connection thread, in bytes. Connection threads need little: the
-/// deepest path is serde_json's recursion-limited (128 levels) parse of a request.
-const CONNECTION_STACK_SIZE: usize = 256 * 1024;
+/// Stack size of a WebSocket session's reader and writer threads, in bytes. They need little:
+/// the deepest path is serde_json's recursion-limited (128 levels) parse of a request.
+const SESSION_STACK_SIZE: usize = 256 * 1024;
+
+/// Stack size of the thread that takes each new connection (`conn-N`: the peek, the WebSocket
+/// handshake, or a REST connection's whole life). It differs from [`SESSION_STACK_SIZE`] by more
+/// than 4 times so that glibc, which keeps the stacks of ended threads for reuse, never hands
+/// a stack the handshake ran deep in to a session thread (see [`serve_ws`]).
+const DISPATCH_STACK_SIZE: usize = 2 * 1024 * 1024;
 
 /// Bytes tungstenite reads from a socket at a time; its default (128 KiB) would be allocated for
 /// every connection, while a request is usually far smaller. Larger messages still arrive whole.
@@ -1965,7 +1972,7 @@ fn run_acceptor(listener: TcpListener, shared: &Arc<Shared>) {
         let thread_socket = Arc::clone(&socket);
         let spawned = thread::Builder::new()
             .name(format!("conn-{}", peer.id))
-            .stack_size(CONNECTION_STACK_SIZE)
+            .stack_size(DISPATCH_STACK_SIZE)
             .spawn(move || serve_connection(&thread_socket, peer, registration));
         if let Err(error) = spawned {
             refuse(
@@ -1995,12 +2002,29 @@ fn refuse(socket: &TcpStream, refusals: &Refusals, why: &str) {
     refusals.record(why);
 }
 
-/// Runs one client connection to its end and logs that end once: expected ends (closed, reset,
-/// timed out) at debug, anything else at warn.
-fn serve_connection(socket: &Arc<TcpStream>, peer: Peer, mut registration: Registration) {
+/// Runs one client connection to its end, or until a WebSocket session's threads take it
+/// over, and logs its end.
+fn serve_connection(socket: &Arc<TcpStream>, peer: Peer, registration: Registration) {
     log::debug!("{peer}: connected");
     let shared = Arc::clone(&registration.shared);
-    match dispatch(socket, peer, &shared, &mut registration) {
+    match dispatch(socket, peer, &shared, registration) {
+        Ok(Dispatched::HandedOver) => {}
+        Ok(Dispatched::Ended) => log_end(peer, Ok(())),
+        Err(error) => log_end(peer, Err(error)),
+    }
+}
+
+/// What became of a connection its first thread was done with.
+enum Dispatched {
+    Ended,
+    /// A WebSocket session's threads serve it now, and log its end.
+    HandedOver,
+}
+
+/// Logs a connection's end once: expected ends (closed, reset, timed out) at debug, anything
+/// else at warn.
+fn log_end(peer: Peer, result: io::Result<()>) {
+    match result {
         Ok(()) => log::debug!("{peer}: closed"),
         Err(error) if is_expected_end(&error) => log::debug!("{peer}: closed: {error}"),
         Err(error) => log::warn!("{peer}: failed: {error}"),
@@ -2037,16 +2061,16 @@ fn dispatch(
     socket: &Arc<TcpStream>,
     peer: Peer,
     shared: &Arc<Shared>,
-    registration: &mut Registration,
-) -> io::Result<()> {
+    mut registration: Registration,
+) -> io::Result<Dispatched> {
     socket.set_nodelay(true)?;
     socket.set_write_timeout(Some(shared.config.write_timeout))?;
     // One deadline for the request line and the WebSocket handshake together.
     let handshake_deadline = Instant::now() + shared.config.handshake_timeout;
-    match peek_route(socket, handshake_deadline)? {
+    let ended = match peek_route(socket, handshake_deadline)? {
         Route::WebSocket => {
             registration.mark_websocket();
-            serve_ws(socket, peer, shared, handshake_deadline)
+            return serve_ws(socket, peer, handshake_deadline, registration);
         }
         Route::Rest => proxy_to_rest(socket, peer, shared),
         Route::Closed => Ok(()),
@@ -2056,7 +2080,8 @@ fn dispatch(
             ErrorCode::BadRequest,
             &format!("request line longer than {MAX_REQUEST_LINE} bytes"),
         ),
-    }
+    };
+    ended.map(|()| Dispatched::Ended)
 }
 
 /// Peeks (without consuming) until the request line is complete, then routes on its path. The
@@ -2216,14 +2241,15 @@ struct Session<'a> {
     control: Arc<SessionControl>,
 }
 
-/// Serves one WebSocket connection: handshake, then this thread reads requests while a writer
-/// thread sends everything queued for the connection.
+/// Takes one WebSocket connection through its handshake, then hands it (and its place in
+/// [`Connections`]) to a new reader thread ([`run_session`]).
 fn serve_ws(
     socket: &Arc<TcpStream>,
     peer: Peer,
-    shared: &Arc<Shared>,
     handshake_deadline: Instant,
-) -> io::Result<()> {
+    registration: Registration,
+) -> io::Result<Dispatched> {
+    let shared = Arc::clone(&registration.shared);
     let config = &shared.config;
     let reader_socket = ReaderSocket {
         socket: Arc::clone(socket),
@@ -2239,7 +2265,7 @@ fn serve_ws(
         Ok(ws) => ws,
         Err(HandshakeError::Failure(tungstenite::Error::Http(response))) => {
             log::debug!("{peer}: upgrade refused with {}", response.status());
-            return Ok(());
+            return Ok(Dispatched::Ended);
         }
         Err(HandshakeError::Failure(tungstenite::Error::Io(error))) => return Err(error),
         Err(HandshakeError::Failure(error)) => {
@@ -2250,7 +2276,8 @@ fn serve_ws(
                 StatusCode::BAD_REQUEST,
                 ErrorCode::BadRequest,
                 &message,
-            );
+            )
+            .map(|()| Dispatched::Ended);
         }
         Err(HandshakeError::Interrupted(_)) => {
             return Err(io::Error::new(
@@ -2265,6 +2292,52 @@ fn serve_ws(
     socket.set_read_timeout(Some(config.heartbeat * 2))?;
     log::debug!("{peer}: WebSocket session open");
 
+    // The session gets threads of its own, and this one ends: the handshake above is the
+    // deepest code a connection runs (tungstenite parses up to 124 headers on the stack), and
+    // the stack pages it touched would stay resident on this thread for as long as the
+    // connection lives (a third of what an idle connection costs).
+    let session_socket = Arc::clone(socket);
+    let reader = thread::Builder::new()
+        .name(format!("ws-reader-{}", peer.id))
+        .stack_size(SESSION_STACK_SIZE)
+        .spawn(move || {
+            let shared = Arc::clone(&registration.shared);
+            let ended = run_session(ws, &session_socket, peer, &shared);
+            drop(registration);
+            log_end(peer, ended);
+        });
+    match reader {
+        Ok(_) => Ok(Dispatched::HandedOver),
+        Err(error) => {
+            close_try_again(socket, &shared, &error);
+            Err(error)
+        }
+    }
+}
+
+/// RFC 6455 7.4.1: closes an upgraded connection that no thread can serve with 1013, "try
+/// again later". Only for a connection without a writer thread, which alone writes otherwise.
+fn close_try_again(socket: &Arc<TcpStream>, shared: &Shared, error: &io::Error) {
+    let mut ws = WebSocket::from_raw_socket(WriterSocket(Arc::clone(socket)), Role::Server, None);
+    let reason = Utf8Bytes::from_static("server busy: cannot start a thread");
+    let _ = ws.close(Some(CloseFrame {
+        code: CloseCode::Again,
+        reason,
+    }));
+    shared
+        .refusals
+        .record(&format!("cannot start a session thread: {error}"));
+}
+
+/// A WebSocket session after its handshake, on its reader thread: starts the writer, reads and
+/// executes requests until the connection ends, then has the writer close it.
+fn run_session(
+    mut ws: WebSocket<ReaderSocket>,
+    socket: &Arc<TcpStream>,
+    peer: Peer,
+    shared: &Arc<Shared>,
+) -> io::Result<()> {
+    let config = &shared.config;
     let (tx, rx) = mpsc::sync_channel(config.queue_size);
     let control = Arc::new(SessionControl::default());
     let session = Session {
@@ -2298,23 +2371,13 @@ fn serve_ws(
     };
     let writer = match thread::Builder::new()
         .name(format!("ws-writer-{}", peer.id))
-        .stack_size(CONNECTION_STACK_SIZE)
+        .stack_size(SESSION_STACK_SIZE)
         .spawn(move || writer.run())
     {
         Ok(handle) => handle,
         Err(error) => {
-            // No writer exists, so this thread may write: RFC 6455 7.4.1, 1013 "try again later".
             shared.broker.close_session(session.id);
-            let mut ws =
-                WebSocket::from_raw_socket(WriterSocket(Arc::clone(socket)), Role::Server, None);
-            let reason = Utf8Bytes::from_static("server busy: cannot start a thread");
-            let _ = ws.close(Some(CloseFrame {
-                code: CloseCode::Again,
-                reason,
-            }));
-            shared
-                .refusals
-                .record(&format!("cannot start a writer thread: {error}"));
+            close_try_again(socket, shared, &error);
             return Err(error);
         }
     };
