@@ -102,9 +102,10 @@ const SESSION_STACK_SIZE: usize = 256 * 1024;
 /// a stack the handshake ran deep in to a session thread (see [`serve_ws`]).
 const DISPATCH_STACK_SIZE: usize = 2 * 1024 * 1024;
 
-/// Bytes tungstenite reads from a socket at a time; its default (128 KiB) would be allocated for
-/// every connection, while a request is usually far smaller. Larger messages still arrive whole.
-const WS_READ_BUFFER_SIZE: usize = 2 * 1024;
+/// Bytes tungstenite reads from a socket at a time, and keeps allocated (and zeroed) for every
+/// connection: its default is 128 KiB, while a request is usually a few hundred bytes. Larger
+/// messages still arrive whole, a read call per KiB (about a millisecond per MiB).
+const WS_READ_BUFFER_SIZE: usize = 1024;
 
 /// Bytes of encoded frames the writer collects before it writes to the socket; a flush at the
 /// end of every batch of queued items sends the rest, so small batches are not delayed.
