@@ -1150,7 +1150,7 @@ enum Outgoing {
     Wake,
 }
 
-const _: () = assert!(std::mem::size_of::<Outgoing>() == 16);
+const _: () = assert!(std::mem::size_of::<Outgoing>() <= 16);
 
 impl Outgoing {
     fn text(frame: Utf8Bytes) -> Outgoing {
@@ -2943,7 +2943,16 @@ fn proxy_to_rest(client: &Arc<TcpStream>, peer: Peer, shared: &Shared) -> io::Re
             }
             Err(PumpEnd::Failed(error)) => break Err(error),
         };
-        let answer = shared.rest_backends.exchange(&request)?;
+        let answer = match shared.rest_backends.exchange(&request) {
+            Ok(answer) => answer,
+            Err(error) => {
+                log::warn!("{peer}: REST request not answered by tiny_http: {error}");
+                let message = "the request could not be served; retry later";
+                let unavailable = StatusCode::SERVICE_UNAVAILABLE;
+                let _ = write_raw_error(&mut &**client, unavailable, ErrorCode::Internal, message);
+                break Err(error);
+            }
+        };
         (&**client).write_all(&answer.for_client(request.close_after))?;
         if request.close_after {
             break Ok(());
@@ -3068,10 +3077,16 @@ impl RestBackends {
         let mut pool = self.lock();
         loop {
             if let Some(stream) = pool.idle.pop() {
-                return Ok(Backend {
-                    stream,
-                    reused: true,
-                });
+                drop(pool);
+                if is_quiet(&stream) {
+                    return Ok(Backend {
+                        stream,
+                        reused: true,
+                    });
+                }
+                self.checkin(None);
+                pool = self.lock();
+                continue;
             }
             if pool.open < REST_BACKENDS && !pool.opening {
                 pool.opening = true;
@@ -3123,6 +3138,31 @@ impl RestBackends {
     }
 }
 
+/// Whether an idle connection to tiny_http has nothing to read. Bytes there would be an answer
+/// to no request of ours, which would shift every later answer on it to the wrong client
+/// (tiny_http can be made to see two requests in one, as a chunked body it did not read once
+/// made it); the end of the stream means tiny_http closed it. Either way it is replaced.
+fn is_quiet(stream: &UnixStream) -> bool {
+    if stream.set_nonblocking(true).is_err() {
+        return false;
+    }
+    let waiting = (&*stream).read(&mut [0u8; 1]);
+    let blocking_again = stream.set_nonblocking(false).is_ok();
+    match waiting {
+        Err(error) if error.kind() == io::ErrorKind::WouldBlock => blocking_again,
+        Ok(0) => {
+            log::debug!("tiny_http closed an idle connection: replacing it");
+            false
+        }
+        _ => {
+            log::warn!(
+                "an idle connection to tiny_http held an answer to no request: replacing it"
+            );
+            false
+        }
+    }
+}
+
 /// Sends one request on `backend` and reads tiny_http's answer whole: `None` if the
 /// connection turns out closed before a byte of it.
 fn ask(backend: &UnixStream, request: &[u8], is_head: bool) -> io::Result<Option<BackendAnswer>> {
@@ -3136,12 +3176,34 @@ fn ask(backend: &UnixStream, request: &[u8], is_head: bool) -> io::Result<Option
         Err(error) if closed(&error) => return Ok(None),
         result => result?,
     }
-    let mut buf = Vec::new();
+    let (mut buf, mut received) = (Vec::new(), false);
     let (head, head_len, body_len) = loop {
+        if received {
+            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let mut response = httparse::Response::new(&mut headers);
+            match response.parse(&buf) {
+                // An interim answer (RFC 9110 15.2) is not relayed: the final one follows.
+                Ok(httparse::Status::Complete(head_len))
+                    if matches!(response.code, Some(100..=199)) =>
+                {
+                    buf.drain(..head_len);
+                    continue;
+                }
+                Ok(httparse::Status::Complete(head_len)) => {
+                    break answer_head(&buf, &response, head_len, is_head)?;
+                }
+                Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD_BYTES => {}
+                _ => {
+                    return Err(io::Error::other(
+                        "tiny_http answered with an unreadable head",
+                    ))
+                }
+            }
+        }
         let mut chunk = [0u8; 8192];
         let n = match (&*backend).read(&mut chunk) {
-            Ok(0) if buf.is_empty() => return Ok(None),
-            Err(error) if buf.is_empty() && closed(&error) => return Ok(None),
+            Ok(0) if !received => return Ok(None),
+            Err(error) if !received && closed(&error) => return Ok(None),
             Ok(0) => {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
@@ -3151,39 +3213,7 @@ fn ask(backend: &UnixStream, request: &[u8], is_head: bool) -> io::Result<Option
             result => result?,
         };
         buf.extend_from_slice(&chunk[..n]);
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut response = httparse::Response::new(&mut headers);
-        match response.parse(&buf) {
-            Ok(httparse::Status::Complete(head_len)) => {
-                let status = response.code.unwrap_or_default();
-                let body_len = if is_head || matches!(status, 100..=199 | 204 | 304) {
-                    0
-                } else {
-                    content_length(response.headers).ok_or_else(|| {
-                        io::Error::other("tiny_http answered without a Content-Length")
-                    })?
-                };
-                let status_line_end = buf
-                    .windows(2)
-                    .position(|pair| pair == b"\r\n")
-                    .map_or(0, |end| end + 2);
-                let mut head = buf[..status_line_end].to_vec();
-                for header in response
-                    .headers
-                    .iter()
-                    .filter(|h| !h.name.eq_ignore_ascii_case("Connection"))
-                {
-                    append_header(&mut head, header.name, header.value);
-                }
-                break (head, head_len, body_len);
-            }
-            Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD_BYTES => {}
-            _ => {
-                return Err(io::Error::other(
-                    "tiny_http answered with an unreadable head",
-                ))
-            }
-        }
+        received = true;
     };
     let end = head_len + body_len;
     buf.reserve(end.saturating_sub(buf.len()));
@@ -3205,6 +3235,35 @@ fn ask(backend: &UnixStream, request: &[u8], is_head: bool) -> io::Result<Option
     }
     buf.drain(..head_len);
     Ok(Some(BackendAnswer { head, body: buf }))
+}
+
+/// A final answer's head as the client gets it (without `Connection`), with where its body
+/// starts and how long it is.
+fn answer_head(
+    buf: &[u8],
+    response: &httparse::Response<'_, '_>,
+    head_len: usize,
+    is_head: bool,
+) -> io::Result<(Vec<u8>, usize, usize)> {
+    let body_len = if is_head || matches!(response.code, Some(204 | 304)) {
+        0
+    } else {
+        content_length(response.headers)
+            .ok_or_else(|| io::Error::other("tiny_http answered without a Content-Length"))?
+    };
+    let status_line_end = buf
+        .windows(2)
+        .position(|pair| pair == b"\r\n")
+        .map_or(0, |end| end + 2);
+    let mut head = buf[..status_line_end].to_vec();
+    for header in response
+        .headers
+        .iter()
+        .filter(|h| !h.name.eq_ignore_ascii_case("Connection"))
+    {
+        append_header(&mut head, header.name, header.value);
+    }
+    Ok((head, head_len, body_len))
 }
 
 fn content_length(headers: &[httparse::Header<'_>]) -> Option<usize> {
@@ -3300,15 +3359,23 @@ impl RequestPump<'_> {
 
     /// Reads one whole request.
     fn read_request(&mut self, deadline: Instant) -> Result<ForwardedRequest, PumpEnd> {
-        let (head_len, head, framing, expects_continue, close_after) = loop {
+        let (head_len, head, framing, expects_continue, close_after, is_head) = loop {
             let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
             let mut request = httparse::Request::new(&mut headers);
             match request.parse(&self.buf) {
                 Ok(httparse::Status::Complete(head_len)) => {
                     let (framing, expects_continue) = self.framing(request.headers)?;
                     let close_after = wants_close(request.version, request.headers);
-                    let head = forwarded_head(&self.buf[..head_len], request.headers);
-                    break (head_len, head, framing, expects_continue, close_after);
+                    let is_head = request.method == Some("HEAD");
+                    let head = forwarded_head(&request);
+                    break (
+                        head_len,
+                        head,
+                        framing,
+                        expects_continue,
+                        close_after,
+                        is_head,
+                    );
                 }
                 Ok(httparse::Status::Partial) if self.buf.len() >= MAX_HEAD_BYTES => {
                     return Err(head_too_large())
@@ -3348,19 +3415,27 @@ impl RequestPump<'_> {
         if expects_continue && self.buf.len() == head_len {
             self.client_write(b"HTTP/1.1 100 Continue\r\n\r\n")?;
         }
-        let body_len = match framing {
+        // tiny_http gets every body with a Content-Length: it leaves a chunked body that no
+        // handler reads on the connection, to be parsed as the next request.
+        let (body, wire_len) = match framing {
             BodyFraming::Length(length) => {
                 self.fill_to(head_len + length, deadline)?;
-                length
+                (self.buf[head_len..head_len + length].to_vec(), length)
             }
-            BodyFraming::Chunked => self.chunked_body_len(head_len, deadline)?,
+            BodyFraming::Chunked => self.chunked_body(head_len, deadline)?,
         };
         let mut bytes = head;
-        bytes.extend_from_slice(&self.buf[head_len..head_len + body_len]);
-        self.buf.drain(..head_len + body_len);
+        append_header(
+            &mut bytes,
+            "Content-Length",
+            body.len().to_string().as_bytes(),
+        );
+        bytes.extend_from_slice(b"\r\n");
+        bytes.extend_from_slice(&body);
+        self.buf.drain(..head_len + wire_len);
         Ok(ForwardedRequest {
-            is_head: bytes.starts_with(b"HEAD "),
             bytes,
+            is_head,
             close_after,
         })
     }
@@ -3417,12 +3492,17 @@ impl RequestPump<'_> {
     }
 
     /// Reads a chunked body (RFC 9112 7.1) that starts at `start` until its last chunk and
-    /// trailers; returns its length on the wire. The sum of its chunks counts against
-    /// `MAX_MESSAGE_BYTES`.
-    fn chunked_body_len(&mut self, start: usize, deadline: Instant) -> Result<usize, PumpEnd> {
+    /// trailers; returns it decoded, and its length on the wire. The sum of its chunks counts
+    /// against `MAX_MESSAGE_BYTES`. Chunk extensions and trailers are dropped.
+    fn chunked_body(
+        &mut self,
+        start: usize,
+        deadline: Instant,
+    ) -> Result<(Vec<u8>, usize), PumpEnd> {
         let max = self.config.max_message_bytes;
         let bad = |message: &str| refusal(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, message);
         let (mut at, mut total) = (start, 0usize);
+        let mut body = Vec::new();
         loop {
             let line_end = self.line_end(at, deadline)?;
             let line = &self.buf[at..line_end - 2];
@@ -3448,7 +3528,7 @@ impl RequestPump<'_> {
                     let empty = line_end - at == 2;
                     at = line_end;
                     if empty {
-                        return Ok(at - start);
+                        return Ok((body, at - start));
                     }
                 }
             }
@@ -3456,6 +3536,7 @@ impl RequestPump<'_> {
             if &self.buf[at + size..at + size + 2] != b"\r\n" {
                 return Err(bad("a chunk does not end with CRLF"));
             }
+            body.extend_from_slice(&self.buf[at..at + size]);
             at += size + 2;
         }
     }
@@ -3520,27 +3601,38 @@ impl RequestPump<'_> {
     }
 }
 
-/// The head as tiny_http gets it: without `Expect` (tiny_http would answer `100-continue`
-/// only once a handler reads the body, which is forwarded whole, so the pump answers it),
-/// without the client's hop-by-hop headers, and with `Connection: keep-alive`, since the
-/// connection to tiny_http is the pool's (see [`RestBackends`]), not the client's. (`TE` would
-/// let a client ask for a chunked answer, which [`ask`] does not read.)
-fn forwarded_head(head: &[u8], headers: &[httparse::Header<'_>]) -> Vec<u8> {
-    let request_line_end = head
-        .windows(2)
-        .position(|pair| pair == b"\r\n")
-        .map_or(0, |end| end + 2);
-    let mut rebuilt = head[..request_line_end].to_vec();
+/// The head as tiny_http gets it, rebuilt from what httparse read (so a line ending in a bare
+/// LF reaches tiny_http as CRLF), without the final empty line: the pump appends the
+/// `Content-Length` of the body it forwards, which replaces the client's framing headers. Also
+/// without `Expect` (tiny_http would answer `100-continue` only once a handler reads the body,
+/// which is forwarded whole, so the pump answers it) and the client's hop-by-hop headers, and
+/// with `Connection: keep-alive`, since the connection to tiny_http is the pool's (see
+/// [`RestBackends`]), not the client's. (`TE` would let a client ask for a chunked answer,
+/// which [`ask`] does not read.)
+fn forwarded_head(request: &httparse::Request<'_, '_>) -> Vec<u8> {
+    let mut rebuilt = format!(
+        "{} {} HTTP/1.{}\r\n",
+        request.method.unwrap_or_default(),
+        request.path.unwrap_or_default(),
+        request.version.unwrap_or(1)
+    )
+    .into_bytes();
     let dropped = |h: &&httparse::Header<'_>| {
-        ["Expect", "Connection", "Keep-Alive", "TE"]
-            .iter()
-            .any(|name| h.name.eq_ignore_ascii_case(name))
+        [
+            "Expect",
+            "Connection",
+            "Keep-Alive",
+            "TE",
+            "Content-Length",
+            "Transfer-Encoding",
+        ]
+        .iter()
+        .any(|name| h.name.eq_ignore_ascii_case(name))
     };
-    for header in headers.iter().filter(|h| !dropped(h)) {
+    for header in request.headers.iter().filter(|h| !dropped(h)) {
         append_header(&mut rebuilt, header.name, header.value);
     }
     append_header(&mut rebuilt, "Connection", b"keep-alive");
-    rebuilt.extend_from_slice(b"\r\n");
     rebuilt
 }
 
@@ -5010,5 +5102,28 @@ mod tests {
         let ts = timestamp();
         assert_eq!(ts.len(), "2026-11-27T06:24:44.123Z".len(), "{ts}");
         assert!(ts.ends_with('Z') && ts.as_bytes()[10] == b'T', "{ts}");
+    }
+
+    #[test]
+    fn an_idle_backend_with_bytes_waiting_or_closed_is_not_quiet() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        assert!(is_quiet(&ours), "nothing sent yet");
+        (&theirs).write_all(b"H").unwrap();
+        assert!(!is_quiet(&ours), "a byte waiting");
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        drop(theirs);
+        assert!(!is_quiet(&ours), "closed");
+        // Still blocking after the check: a read waits (here, up to its timeout).
+        let (ours, _theirs) = UnixStream::pair().unwrap();
+        assert!(is_quiet(&ours));
+        ours.set_read_timeout(Some(Duration::from_millis(20)))
+            .unwrap();
+        let started = Instant::now();
+        let error = (&ours).read(&mut [0u8; 1]).unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::WouldBlock, "{error}");
+        assert!(
+            started.elapsed() >= Duration::from_millis(15),
+            "did not wait"
+        );
     }
 }

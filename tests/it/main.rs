@@ -43,7 +43,8 @@
 //!
 //! Issue 3, performance (speed targets live in `bench.sh`, not here):
 //! - [`rest_handoff`]: the pool of reused connections to tiny_http: answers framed right
-//!   (HEAD, over 32 KiB), each to the client that asked, `OPTIONS *`, non-ASCII heads.
+//!   (HEAD, over 32 KiB), each to the client that asked (also when a request hides in a
+//!   chunked body), chunked bodies forwarded decoded, `OPTIONS *`, bare LF, non-ASCII heads.
 
 mod harness;
 mod http_client;

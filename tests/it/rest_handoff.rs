@@ -192,3 +192,87 @@ fn a_non_ascii_request_head_is_400_and_the_pool_keeps_serving() {
         health.expect("connection closed").expect_json(200);
     }
 }
+
+/// Regression test for a bug found in review: tiny_http leaves a chunked body that no handler
+/// reads on its connection and parses it as the next request, so a body like this one made it
+/// answer twice. The extra answer waited on the pooled connection and every later answer on it
+/// went to the wrong client: with `API_KEY` set, a client without the key received the topic
+/// list asked for by one with it.
+#[test]
+fn a_request_hidden_in_a_chunked_body_never_shifts_answers_between_clients() {
+    let server = Server::start_with(&[("API_KEY", "sekrit")]);
+    let addr = server.addr;
+    let authorized = |method: &str, path: &str, body: &str| {
+        format!(
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nX-API-Key: sekrit\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .into_bytes()
+    };
+    let mut owner = keep_alive(addr);
+    let create = authorized("POST", "/topics", r#"{"name":"private"}"#);
+    round_trip(&mut owner, &create)
+        .expect("connection closed")
+        .expect_json(201);
+    let smuggler = b"GET /health HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0;a /topics HTTP/1.1\r\n\r\n";
+    let mut attacker = keep_alive(addr);
+    // More rounds than the pool has connections, so every pooled connection gets one.
+    for round in 0..8 {
+        let answer = round_trip(&mut attacker, smuggler).expect("connection closed");
+        let health = answer.expect_json(200);
+        assert!(
+            health.get("uptime_sec").is_some(),
+            "round {round}: {health}"
+        );
+        let topics = round_trip(&mut owner, &authorized("GET", "/topics", ""))
+            .expect("connection closed")
+            .expect_json(200);
+        assert_eq!(
+            topics["topics"][0]["name"], "private",
+            "round {round}: {topics}"
+        );
+        let health = round_trip(&mut attacker, &request("GET", "/health", ""))
+            .expect("connection closed")
+            .expect_json(200);
+        assert!(
+            health.get("topics").is_some_and(|topics| topics.is_u64()),
+            "round {round}: the attacker got someone else's answer: {health}"
+        );
+    }
+}
+
+#[test]
+fn chunked_bodies_with_extensions_and_trailers_are_forwarded_decoded() {
+    let server = Server::start();
+    let mut stream = keep_alive(server.addr);
+    // A body no handler reads, on a route that ignores it.
+    let unread = b"GET /health HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
+    round_trip(&mut stream, unread)
+        .expect("connection closed")
+        .expect_json(200);
+    // A body in three chunks, one with an extension, and a trailer.
+    let create = b"POST /topics HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n\
+        8;ext=1\r\n{\"name\":\r\n5\r\n\"chun\r\n4\r\nks\"}\r\n0\r\nX-Trailer: 1\r\n\r\n";
+    let created = round_trip(&mut stream, create).expect("connection closed");
+    assert_eq!(created.expect_json(201)["topic"], "chunks");
+    for _ in 0..8 {
+        let health = round_trip(&mut stream, &request("GET", "/health", ""));
+        assert_eq!(
+            health.expect("connection closed").expect_json(200)["topics"],
+            1
+        );
+    }
+}
+
+#[test]
+fn a_request_with_bare_lf_line_ends_is_served() {
+    let server = Server::start();
+    let mut stream = keep_alive(server.addr);
+    let health = round_trip(&mut stream, b"GET /health HTTP/1.1\nHost: x\n\n");
+    assert_eq!(
+        health.expect("connection closed").expect_json(200)["topics"],
+        0
+    );
+    let health = round_trip(&mut stream, &request("GET", "/health", ""));
+    health.expect("connection closed").expect_json(200);
+}
