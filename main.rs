@@ -3830,9 +3830,11 @@ impl<'a> RestRoute<'a> {
     /// The `Allow` header of a 405 on this route.
     fn allowed_methods(&self) -> &'static str {
         match self {
-            RestRoute::Topics | RestRoute::Messages(_) => "GET, POST",
+            RestRoute::Topics | RestRoute::Messages(_) => "GET, HEAD, POST",
             RestRoute::Topic(_) => "DELETE",
-            RestRoute::Health | RestRoute::Stats | RestRoute::Metrics | RestRoute::Console => "GET",
+            RestRoute::Health | RestRoute::Stats | RestRoute::Metrics | RestRoute::Console => {
+                "GET, HEAD"
+            }
         }
     }
 
@@ -3857,7 +3859,8 @@ fn handle_rest(mut request: tiny_http::Request, shared: &Shared) {
     // confirm each new connection to tiny_http, so it is not counted.
     if *request.method() == tiny_http::Method::Options && request.url() == "*" {
         let mut response = tiny_http::Response::empty(204);
-        if let Ok(allow) = tiny_http::Header::from_bytes("Allow", "GET, POST, DELETE, OPTIONS") {
+        let allow = "GET, HEAD, POST, DELETE, OPTIONS";
+        if let Ok(allow) = tiny_http::Header::from_bytes("Allow", allow) {
             response.add_header(allow);
         }
         let _ = request.respond(response);
@@ -3936,7 +3939,11 @@ fn route_rest(request: &mut tiny_http::Request, shared: &Shared) -> Result<RestR
     use tiny_http::Method;
     let (path, query) = request.url().split_once('?').unwrap_or((request.url(), ""));
     let (path, query) = (path.to_string(), query.to_string());
-    let method = request.method().clone();
+    // HEAD is GET without the body (RFC 9110 9.3.2), which tiny_http leaves out by itself.
+    let method = match request.method() {
+        Method::Head => Method::Get,
+        method => method.clone(),
+    };
     let route = RestRoute::parse(&path);
     // Liveness probes, the console page (which asks for the key) and CORS preflights (which
     // browsers send without credentials) work without the key. Everything else needs it,

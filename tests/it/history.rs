@@ -244,7 +244,7 @@ fn http_publish_over_max_message_bytes_is_413_and_one_at_the_limit_is_published(
 }
 
 #[test]
-fn other_methods_on_the_messages_route_are_405_allowing_get_and_post() {
+fn other_methods_on_the_messages_route_are_405_allowing_get_head_and_post() {
     let (server, mut subscriber, _) = server_with_subscriber(&[]);
     for method in ["PUT", "DELETE", "PATCH"] {
         let response = http(
@@ -260,7 +260,7 @@ fn other_methods_on_the_messages_route_are_405_allowing_get_and_post() {
             .unwrap_or_else(|| panic!("no Allow: {response:?}"));
         let mut methods: Vec<&str> = allow.split(',').map(str::trim).collect();
         methods.sort_unstable();
-        assert_eq!(methods, ["GET", "POST"], "{method}: {response:?}");
+        assert_eq!(methods, ["GET", "HEAD", "POST"], "{method}: {response:?}");
     }
     // The refused DELETE did not delete the topic, and nothing was published.
     subscriber.assert_nothing_pending();

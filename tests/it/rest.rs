@@ -2,9 +2,9 @@
 
 use serde_json::json;
 
-use crate::harness::{wait_until, Server};
+use crate::harness::{wait_until, Server, DEADLINE};
 use crate::http_client::{
-    create_topic, delete, get, health, http, http_raw, post, stats, try_http_raw,
+    create_topic, delete, exchange, get, health, http, http_raw, post, stats, try_http_raw,
 };
 use crate::ws_client::WsClient;
 
@@ -227,16 +227,16 @@ fn a_wrong_method_is_405_with_an_allow_header() {
     let server = Server::start();
     create_topic(server.addr, "orders");
     let wrong = [
-        ("PUT", "/topics", "GET, POST"),
-        ("DELETE", "/topics", "GET, POST"),
-        ("PATCH", "/topics", "GET, POST"),
+        ("PUT", "/topics", "GET, HEAD, POST"),
+        ("DELETE", "/topics", "GET, HEAD, POST"),
+        ("PATCH", "/topics", "GET, HEAD, POST"),
         ("GET", "/topics/orders", "DELETE"),
         ("POST", "/topics/orders", "DELETE"),
         ("PUT", "/topics/orders", "DELETE"),
-        ("POST", "/health", "GET"),
-        ("DELETE", "/health", "GET"),
-        ("POST", "/stats", "GET"),
-        ("PUT", "/stats", "GET"),
+        ("POST", "/health", "GET, HEAD"),
+        ("DELETE", "/health", "GET, HEAD"),
+        ("POST", "/stats", "GET, HEAD"),
+        ("PUT", "/stats", "GET, HEAD"),
     ];
     for (method, path, allowed) in wrong {
         let response = http(server.addr, method, path, &[], "");
@@ -291,4 +291,46 @@ fn methods(allow: &str) -> Vec<String> {
         .collect();
     methods.sort();
     methods
+}
+
+/// RFC 9110 9.3.2: HEAD answers as GET would, without the body.
+#[test]
+fn head_is_get_without_the_body_on_every_get_route() {
+    let server = Server::start();
+    create_topic(server.addr, "orders");
+    for path in [
+        "/",
+        "/topics",
+        "/topics/orders/messages",
+        "/health",
+        "/stats",
+        "/metrics",
+        "/topics/missing/messages",
+    ] {
+        let got = get(server.addr, path);
+        let head = format!("HEAD {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let exchanged = exchange(server.addr, head.as_bytes(), DEADLINE);
+        assert!(exchanged.closed, "HEAD {path}: not closed");
+        let text = String::from_utf8_lossy(&exchanged.received).to_string();
+        let (head, body) = text
+            .split_once("\r\n\r\n")
+            .unwrap_or_else(|| panic!("HEAD {path}: no head in {text:?}"));
+        assert_eq!(body, "", "HEAD {path}: a body");
+        let status = &head["HTTP/1.1 ".len().."HTTP/1.1 200".len()];
+        assert_eq!(status, got.status.to_string(), "HEAD {path}: {head}");
+        let length = head.lines().find_map(|line| {
+            line.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|n| n.trim().to_string())
+        });
+        // /metrics grows with the requests it counts, /health's uptime may gain a digit.
+        let length: usize = length.expect("no Content-Length").parse().unwrap();
+        if path != "/metrics" {
+            assert!(
+                length.abs_diff(got.body.len()) <= 1,
+                "HEAD {path}: Content-Length {length}, GET body {}",
+                got.body.len()
+            );
+        }
+    }
 }
