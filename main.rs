@@ -2383,7 +2383,9 @@ fn run_session(
         }
     };
 
-    let end = read_requests(&mut ws, &session);
+    // A request that panics (a bug) ends only its own connection, with close 1011.
+    let end = panic::catch_unwind(AssertUnwindSafe(|| read_requests(&mut ws, &session)))
+        .unwrap_or(ReadEnd::Panicked);
     shared.broker.close_session(session.id);
     if let ReadEnd::Silent = end {
         shared
@@ -2407,6 +2409,7 @@ fn run_session(
     join_quietly(writer);
     match end {
         ReadEnd::Failed(error) => Err(error),
+        ReadEnd::Panicked => Err(io::Error::other("a request panicked")),
         _ => Ok(()),
     }
 }
@@ -2528,6 +2531,8 @@ enum ReadEnd {
     WriterGone,
     /// The connection dropped (reset, closed without a Close frame).
     Dropped,
+    /// Executing a request panicked (a bug; the panic hook logged it).
+    Panicked,
     /// Anything else.
     Failed(io::Error),
 }
@@ -2566,6 +2571,7 @@ impl ReadEnd {
             ReadEnd::TooBig => Some((CloseCode::Size, "message too big")),
             ReadEnd::InvalidUtf8 => Some((CloseCode::Invalid, "invalid UTF-8")),
             ReadEnd::ProtocolViolation(_) => Some((CloseCode::Protocol, "protocol error")),
+            ReadEnd::Panicked => Some((CloseCode::Error, "internal error")),
             ReadEnd::WriterGone | ReadEnd::Dropped | ReadEnd::Failed(_) => None,
         }
     }
