@@ -5139,4 +5139,49 @@ mod tests {
             "did not wait"
         );
     }
+
+    /// Every input in the committed fuzz corpora (`fuzz/corpus/`, see README "Fuzzing"), through
+    /// the functions the fuzz targets exercise, on a thread with a session's stack: no panic,
+    /// no stack overflow, and every rejection says why. The fuzz targets check much more, but
+    /// need a nightly toolchain; this keeps the corpora replayed by every `cargo test`.
+    #[test]
+    fn the_fuzz_corpora_replay_without_a_panic() {
+        let corpus = |name: &str| {
+            let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("fuzz/corpus")
+                .join(name);
+            let inputs: Vec<Vec<u8>> = std::fs::read_dir(&dir)
+                .unwrap_or_else(|error| panic!("{}: {error}", dir.display()))
+                .map(|entry| std::fs::read(entry.unwrap().path()).unwrap())
+                .collect();
+            assert!(
+                inputs.len() > 10,
+                "{}: {} inputs",
+                dir.display(),
+                inputs.len()
+            );
+            inputs
+        };
+        let (messages, routes) = (corpus("client_message"), corpus("route"));
+        let replay = thread::Builder::new()
+            .stack_size(SESSION_STACK_SIZE)
+            .spawn(move || {
+                for input in &messages {
+                    if let Ok(text) = std::str::from_utf8(input) {
+                        if let Err(rejection) = ClientRequest::parse(text) {
+                            assert!(!rejection.message.is_empty(), "{text:?}");
+                        }
+                    }
+                }
+                for input in &routes {
+                    for capacity in [1, 16, MAX_REQUEST_LINE] {
+                        let _ = decide_route(input, capacity);
+                    }
+                }
+            })
+            .unwrap();
+        replay
+            .join()
+            .expect("an input of the fuzz corpora panicked");
+    }
 }

@@ -35,7 +35,7 @@ mod server;
 
 use server::ClientRequest;
 
-/// `CONNECTION_STACK_SIZE` in main.rs: the stack the server parses requests on.
+/// `SESSION_STACK_SIZE` in main.rs: the stack the server parses requests on.
 const SERVER_STACK: usize = 256 * 1024;
 
 fuzz_target!(|data: &[u8]| {
