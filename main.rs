@@ -3371,7 +3371,10 @@ impl RequestPump<'_> {
             match request.parse(&self.buf) {
                 Ok(httparse::Status::Complete(head_len)) => {
                     let (framing, expects_continue) = self.framing(request.headers)?;
-                    let close_after = wants_close(request.version, request.headers);
+                    // RFC 9112 6.1: Transfer-Encoding in an HTTP/1.0 request is faulty framing
+                    // that may have fooled something on the way; the connection ends with it.
+                    let close_after = wants_close(request.version, request.headers)
+                        || request.version == Some(0) && matches!(framing, BodyFraming::Chunked);
                     let is_head = request.method == Some("HEAD");
                     let head = forwarded_head(&request);
                     break (
@@ -3507,19 +3510,38 @@ impl RequestPump<'_> {
     ) -> Result<(Vec<u8>, usize), PumpEnd> {
         let max = self.config.max_message_bytes;
         let bad = |message: &str| refusal(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, message);
+        // The chunk lines, extensions and trailers around the data are held until the body
+        // ends, so they count too: twice the data allowed, and a head's worth, is plenty for
+        // chunks of a dozen bytes or more.
+        let wire_max = max.saturating_mul(2).saturating_add(MAX_HEAD_BYTES);
+        let too_long = || {
+            let message = format!("chunked body over {wire_max} bytes on the wire");
+            refusal(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                ErrorCode::PayloadTooLarge,
+                message,
+            )
+        };
         let (mut at, mut total) = (start, 0usize);
         let mut body = Vec::new();
         loop {
+            if at - start > wire_max {
+                return Err(too_long());
+            }
             let line_end = self.line_end(at, deadline)?;
             let line = &self.buf[at..line_end - 2];
-            let size = line
-                .split(|&b| b == b';')
-                .next()
-                .unwrap_or_default()
-                .trim_ascii();
+            // RFC 9112 7.1: hex digits, then optional whitespace and `;extensions`.
+            let (size, extensions) =
+                line.split_at(line.iter().position(|&b| b == b';').unwrap_or(line.len()));
+            if extensions.iter().any(|&b| b == b'\r' || b == b'\n') {
+                return Err(bad("a chunk line holds a line break"));
+            }
+            let size = size.trim_ascii_end();
             let size = std::str::from_utf8(size)
                 .ok()
-                .filter(|hex| !hex.is_empty() && hex.len() <= 8)
+                .filter(|hex| {
+                    (1..=8).contains(&hex.len()) && hex.bytes().all(|b| b.is_ascii_hexdigit())
+                })
                 .and_then(|hex| usize::from_str_radix(hex, 16).ok())
                 .ok_or_else(|| bad("malformed chunk size"))?;
             total = total.saturating_add(size);
@@ -3530,6 +3552,9 @@ impl RequestPump<'_> {
             if size == 0 {
                 // Trailer lines, then the empty line that ends the message.
                 loop {
+                    if at - start > wire_max {
+                        return Err(too_long());
+                    }
                     let line_end = self.line_end(at, deadline)?;
                     let empty = line_end - at == 2;
                     at = line_end;

@@ -723,3 +723,78 @@ fn last_lines(server: &Server) -> Vec<String> {
     let lines = server.log_lines();
     lines[lines.len().saturating_sub(5)..].to_vec()
 }
+
+/// Regression test for a bug found in review: chunk lines and trailers were held in memory
+/// until the body ended, bounded only by the decoded size and the handshake deadline, so one
+/// connection sending endless trailers or 1-byte chunks with 4 KiB extensions grew the server
+/// by hundreds of MB a second, without any key. They count against the body limit now.
+#[test]
+fn chunk_lines_and_trailers_on_the_wire_are_limited_too() {
+    let server = Server::start_with(&[("MAX_MESSAGE_BYTES", "1024")]);
+    // The wire limit is twice MAX_MESSAGE_BYTES and 16 KiB: 18,432 bytes. 20 KiB crosses it.
+    let head = "POST /topics HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n";
+    let trailers = format!(
+        "0\r\n{}",
+        format!("X-T: {}\r\n", "a".repeat(4000)).repeat(5)
+    );
+    let extensions = format!("1;{}\r\nx\r\n", "e".repeat(4000)).repeat(5);
+    for (name, body) in [("trailers", trailers), ("chunk extensions", extensions)] {
+        let before = server.usage().rss_kib;
+        let outcome = exchange(
+            server.addr,
+            format!("{head}{body}").as_bytes(),
+            EXCHANGE_TIMEOUT,
+        );
+        assert_refused(name, &outcome);
+        let responses = outcome.responses();
+        assert_eq!(responses.len(), 1, "{name}: {responses:?}");
+        responses[0].expect_error(413, "PAYLOAD_TOO_LARGE");
+        let grown = server.usage().rss_kib.saturating_sub(before);
+        assert!(grown < 4096, "{name}: RSS grew by {grown} KiB");
+    }
+    assert_still_serving(server.addr);
+}
+
+/// RFC 9112 7.1 and 6.1: a chunk size is hex digits only, no line break hides in a chunk line,
+/// and chunked framing in an HTTP/1.0 request ends the connection after its answer.
+#[test]
+fn chunk_framing_is_strict() {
+    let server = server();
+    let post = |version: &str, body: &str| {
+        format!(
+            "POST /topics HTTP/{version}\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n{body}"
+        )
+    };
+    for (name, body) in [
+        ("a signed size", "+8\r\n{\"name\"}\r\n0\r\n\r\n"),
+        ("a size in spaces", " 8\r\n{\"name\"}\r\n0\r\n\r\n"),
+        (
+            "a bare LF in an extension",
+            "8;a\nb\r\n{\"name\"}\r\n0\r\n\r\n",
+        ),
+    ] {
+        let outcome = exchange(server.addr, post("1.1", body).as_bytes(), EXCHANGE_TIMEOUT);
+        assert_refused(name, &outcome);
+        outcome.responses()[0].expect_error(400, "BAD_REQUEST");
+    }
+    // A well-formed chunked request over HTTP/1.0 is served, then the connection closes,
+    // even though the client asked to keep it.
+    let mut stream = TcpStream::connect(server.addr).unwrap();
+    let name = r#"{"name":"http-1-0"}"#;
+    let body = format!("{:x}\r\n{name}\r\n0\r\n\r\n", name.len());
+    let request =
+        post("1.0", &body).replace("Host: x\r\n", "Host: x\r\nConnection: keep-alive\r\n");
+    stream.write_all(request.as_bytes()).unwrap();
+    let outcome = crate::http_client::read_until_closed(&mut stream, EXCHANGE_TIMEOUT);
+    assert!(
+        outcome.closed,
+        "HTTP/1.0 chunked: the connection stayed open"
+    );
+    assert_eq!(
+        outcome.statuses(),
+        [201],
+        "{:?}",
+        String::from_utf8_lossy(&outcome.received)
+    );
+    assert!(topic_names(server.addr).contains("http-1-0"));
+}
