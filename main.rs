@@ -609,9 +609,10 @@ impl Config {
 /// How many connections this process can serve at once, from the limits the OS sets: every
 /// WebSocket costs a file descriptor and two threads, and every thread a pid and four memory
 /// mappings (its stack and guard page, and the alternate signal stack and guard page that Rust
-/// gives every thread to report stack overflows), measured in /proc/PID/maps. A reserve is
-/// kept for the listener, tiny_http and REST connections, which cost more. Unreadable limits
-/// count as unlimited.
+/// gives every thread to report stack overflows), measured in /proc/PID/maps; a REST
+/// connection costs less. A reserve is kept for the listener, tiny_http and its pool of
+/// connections, and the thread a WebSocket's handshake runs on. Unreadable limits count as
+/// unlimited.
 fn os_connection_limit() -> usize {
     fn read_number(path: &str) -> Option<usize> {
         std::fs::read_to_string(path).ok()?.trim().parse().ok()
@@ -2951,8 +2952,8 @@ fn proxy_to_rest(client: &Arc<TcpStream>, peer: Peer, shared: &Shared) -> io::Re
         };
         let answer = match shared.rest_backends.exchange(&request) {
             Ok(answer) => answer,
+            // The error ends the connection, and is logged with its end.
             Err(error) => {
-                log::warn!("{peer}: REST request not answered by tiny_http: {error}");
                 let message = "the request could not be served; retry later";
                 let unavailable = StatusCode::SERVICE_UNAVAILABLE;
                 let _ = write_raw_error(&mut &**client, unavailable, ErrorCode::Internal, message);
@@ -2972,8 +2973,9 @@ fn proxy_to_rest(client: &Arc<TcpStream>, peer: Peer, shared: &Shared) -> io::Re
 /// [`REST_WORKERS`] that answer, so that the next requests are parsed while they work.
 const REST_BACKENDS: usize = 4;
 
-/// The unix connections to tiny_http, each carrying one request at a time and reused, which
-/// costs a third of a fresh connection per request. They are opened one at a time, each
+/// The unix connections to tiny_http, each carrying one request at a time and reused (a fresh
+/// connection per request cost 62 µs of CPU more than tiny_http alone; reused, 25 µs). They
+/// are opened one at a time, each
 /// confirmed served before the next: tiny_http 0.12's thread pool counts its idle threads
 /// racily and can queue a new connection behind long-lived ones with no thread free to take
 /// it, forever. The answer is read whole before the connection goes back to the pool, so a
