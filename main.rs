@@ -56,6 +56,7 @@ use std::io::{self, Read, Write};
 use std::net::{
     IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs,
 };
+use std::ops::RangeInclusive;
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr as UnixSocketAddr, UnixListener, UnixStream};
 use std::panic::{self, AssertUnwindSafe};
@@ -85,6 +86,15 @@ use broker::{Broker, BrokerError, Ending, Replay, SessionControl};
 /// rather than routed blind; 8 KiB matches the common limit of nginx and Node.js.
 const MAX_REQUEST_LINE: usize = 8 * 1024;
 
+/// How long a request head may dawdle once its first byte is in, before [`HEAD_MIN_RATE`]
+/// applies: a head normally arrives in one segment, so this is only slack for a lossy link.
+const HEAD_RATE_GRACE: Duration = Duration::from_secs(3);
+
+/// Bytes a second a request head must average after [`HEAD_RATE_GRACE`] (Apache's
+/// `mod_reqtimeout` uses the same 500): a client that trickles its head to hold a connection
+/// (slowloris) is cut after seconds, not after `HANDSHAKE_TIMEOUT_SEC`.
+const HEAD_MIN_RATE: u64 = 500;
+
 /// How long a REST keep-alive connection may stay silent before it is closed.
 const REST_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -110,6 +120,10 @@ const WS_READ_BUFFER_SIZE: usize = 1024;
 /// Bytes of encoded frames the writer collects before it writes to the socket; a flush at the
 /// end of every batch of queued items sends the rest, so small batches are not delayed.
 const WS_WRITE_BUFFER_SIZE: usize = 64 * 1024;
+
+/// The largest value a setting in seconds takes (a day): more is a typo, and a deadline that
+/// far out could overflow `Instant`.
+const MAX_SECONDS_SETTING: f64 = 86_400.0;
 
 /// Threads answering REST requests. Handlers take microseconds and requests reach tiny_http
 /// whole, so no worker ever waits on a client; requests pipelined on one connection still run
@@ -348,6 +362,16 @@ const SETTINGS: &[Setting] = &[
         help: "largest WebSocket message or REST body accepted",
     },
     Setting {
+        var: "MAX_RETAINED_BYTES",
+        default: Some("268435456"),
+        help: "bytes of events kept in all rings together; the oldest go first beyond it",
+    },
+    Setting {
+        var: "MAX_TOPICS",
+        default: Some("10000"),
+        help: "topics that may exist at once; POST /topics beyond it gets 507",
+    },
+    Setting {
         var: "MAX_CONNECTIONS",
         default: Some("auto"),
         help: "open connections served at once; auto derives it from the OS limits",
@@ -385,6 +409,10 @@ struct Config {
     shutdown_grace: Duration,
     write_timeout: Duration,
     max_message_bytes: usize,
+    /// Bytes of event frames all rings hold together.
+    max_retained_bytes: usize,
+    /// Topics that may exist at once.
+    max_topics: usize,
     /// Connections served at once; more are refused with 503 (see [`refuse`]).
     max_connections: usize,
     /// Origins allowed by CORS and on WebSocket upgrades; `None` sends no CORS headers and
@@ -467,29 +495,30 @@ impl Config {
             value,
             expected: expected.to_string(),
         };
-        let count = |var: &'static str, min: usize| -> Result<usize, ConfigError> {
+        // Every number has an upper bound too: a value start-up accepts must never make the
+        // server allocate beyond reason (a queue's slots are allocated up front) or overflow
+        // a deadline later.
+        let count = |var: &'static str, range: RangeInclusive<usize>| {
             let (value, var) = setting(var);
             match value.trim().parse::<usize>() {
-                Ok(n) if n >= min => Ok(n),
-                _ => Err(invalid((value, var), &format!("a whole number >= {min}"))),
+                Ok(n) if range.contains(&n) => Ok(n),
+                _ => Err(invalid(
+                    (value, var),
+                    &format!("a whole number from {} to {}", range.start(), range.end()),
+                )),
             }
         };
         let seconds = |var: &'static str, allow_zero: bool| -> Result<Duration, ConfigError> {
             let (value, var) = setting(var);
-            match value
-                .trim()
-                .parse::<f64>()
-                .ok()
-                .and_then(|s| Duration::try_from_secs_f64(s).ok())
-            {
-                Some(d) if allow_zero || !d.is_zero() => Ok(d),
-                _ if allow_zero => Err(invalid(
-                    (value, var),
-                    "a number of seconds >= 0, such as 5 or 0.5",
-                )),
+            let min = if allow_zero { 0.0 } else { f64::MIN_POSITIVE };
+            match value.trim().parse::<f64>() {
+                Ok(s) if (min..=MAX_SECONDS_SETTING).contains(&s) => Ok(Duration::from_secs_f64(s)),
                 _ => Err(invalid(
                     (value, var),
-                    "a number of seconds > 0, such as 30 or 0.5",
+                    &format!(
+                        "a number of seconds {} and at most {MAX_SECONDS_SETTING}, such as 30 or 0.5",
+                        if allow_zero { ">= 0" } else { "> 0" }
+                    ),
                 )),
             }
         };
@@ -541,17 +570,19 @@ impl Config {
         };
         Ok(Config {
             bind_addr,
-            ring_size: count("RING_SIZE", 0)?,
-            queue_size: count("QUEUE_SIZE", 1)?,
+            ring_size: count("RING_SIZE", 0..=1_000_000)?,
+            queue_size: count("QUEUE_SIZE", 1..=100_000)?,
             log_level,
             heartbeat: seconds("HEARTBEAT_SEC", false)?,
             handshake_timeout: seconds("HANDSHAKE_TIMEOUT_SEC", false)?,
             shutdown_grace: seconds("SHUTDOWN_GRACE_SEC", true)?,
             write_timeout: seconds("WRITE_TIMEOUT_SEC", false)?,
-            max_message_bytes: count("MAX_MESSAGE_BYTES", 64)?,
+            max_message_bytes: count("MAX_MESSAGE_BYTES", 64..=64 << 20)?,
+            max_retained_bytes: count("MAX_RETAINED_BYTES", 0..=1 << 40)?,
+            max_topics: count("MAX_TOPICS", 1..=10_000_000)?,
             max_connections: match setting("MAX_CONNECTIONS") {
                 (value, _) if value.trim().eq_ignore_ascii_case("auto") => os_connection_limit(),
-                _ => count("MAX_CONNECTIONS", 1)?,
+                _ => count("MAX_CONNECTIONS", 1..=1_000_000)?,
             },
             cors_origins: match lookup("CORS_ORIGINS") {
                 None => None,
@@ -734,6 +765,8 @@ enum ErrorCode {
     NotFound,
     MethodNotAllowed,
     PayloadTooLarge,
+    /// `POST /topics` while `MAX_TOPICS` topics exist.
+    TooManyTopics,
 }
 
 /// A validated request from a WebSocket client.
@@ -984,7 +1017,9 @@ fn check_payload(payload: &RawValue, name: &str) -> Result<(), String> {
         }
         fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
             let inner = self.nested::<A::Error>()?;
-            while map.next_key::<&str>()?.is_some() {
+            // Keys through the same visitor: a key with an escape (`"\u043a"`, `"a\"b"`) is
+            // unescaped into a buffer, which a borrowed `&str` could not take.
+            while map.next_key_seed(Readable(inner))?.is_some() {
                 map.next_value_seed(Readable(inner))?;
             }
             Ok(())
@@ -1184,7 +1219,7 @@ enum Reply {
 /// A module of its own so that its private fields keep "subscribed ⇔ holds a live queue" true.
 mod broker {
     use std::collections::{BTreeMap, HashMap, VecDeque};
-    use std::sync::atomic::{AtomicU8, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
     use std::sync::mpsc::{SyncSender, TrySendError};
     use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 
@@ -1204,6 +1239,19 @@ mod broker {
         Closed,
         /// The session was cut (a slow consumer) between its reader's check and this call.
         SessionEnded,
+        /// `MAX_TOPICS` topics exist already.
+        TooManyTopics,
+    }
+
+    /// What the broker holds at most.
+    #[derive(Debug, Clone, Copy)]
+    pub struct Limits {
+        /// Events kept per topic (`RING_SIZE`).
+        pub ring_size: usize,
+        /// Bytes of event frames kept in all rings together (`MAX_RETAINED_BYTES`).
+        pub retained_bytes: usize,
+        /// Topics (`MAX_TOPICS`).
+        pub topics: usize,
     }
 
     /// What a subscription replays before live events.
@@ -1233,11 +1281,15 @@ mod broker {
     pub struct SessionControl {
         ending: AtomicU8,
         cut_position: OnceLock<(Arc<str>, u64)>,
+        /// Set by the reader while it executes a request and queues its reply, so that the
+        /// writer of an ending session writes that reply (a publish's ack, say) before the
+        /// session's last message.
+        executing: AtomicBool,
     }
 
     impl SessionControl {
         pub fn ending(&self) -> Ending {
-            match self.ending.load(Ordering::Acquire) {
+            match self.ending.load(Ordering::SeqCst) {
                 0 => Ending::Open,
                 1 => Ending::SlowConsumer,
                 _ => Ending::ShuttingDown,
@@ -1250,11 +1302,33 @@ mod broker {
             self.cut_position.get().map(|(topic, seq)| (&**topic, *seq))
         }
 
+        /// Marks the start of a request on the reader; false when the session is ending, in
+        /// which case nothing may be executed.
+        pub fn begin_request(&self) -> bool {
+            // SeqCst with `ending` and `is_executing`: a writer that saw the ending and then
+            // `executing == false` knows that no request will start after it looked.
+            self.executing.store(true, Ordering::SeqCst);
+            if self.ending() == Ending::Open {
+                return true;
+            }
+            self.end_request();
+            false
+        }
+
+        /// Marks the end of a request, after its reply was queued.
+        pub fn end_request(&self) {
+            self.executing.store(false, Ordering::SeqCst);
+        }
+
+        pub fn is_executing(&self) -> bool {
+            self.executing.load(Ordering::SeqCst)
+        }
+
         /// Records why the session ends; the first reason wins.
         fn end(&self, why: Ending) {
             let _ = self
                 .ending
-                .compare_exchange(0, why as u8, Ordering::AcqRel, Ordering::Acquire);
+                .compare_exchange(0, why as u8, Ordering::SeqCst, Ordering::SeqCst);
         }
     }
 
@@ -1279,6 +1353,8 @@ mod broker {
         pub delivered: u64,
         /// Sessions cut because their queue was full.
         pub slow_consumer_cuts: u64,
+        /// Bytes of event frames the rings hold together.
+        pub retained_bytes: usize,
         /// The first topics by name, at most as many as asked for.
         pub first_topics: Vec<TopicStats>,
     }
@@ -1288,6 +1364,8 @@ mod broker {
     pub struct RingEntry {
         pub seq: u64,
         pub frame: Utf8Bytes,
+        /// Its place among all publishes to all topics (see [`Retention`]).
+        order: u64,
     }
 
     /// What `GET /topics/{name}/messages` shows: the topic's position and ring entries.
@@ -1303,17 +1381,32 @@ mod broker {
     /// blocks, serializes or does I/O under the lock.
     pub struct Broker {
         state: Mutex<State>,
-        ring_size: usize,
+        limits: Limits,
     }
 
     #[derive(Default)]
     struct State {
         topics: BTreeMap<Arc<str>, Topic>,
         sessions: HashMap<SessionId, Session>,
+        retention: Retention,
         closed: bool,
+        /// Messages published, deleted topics included; also the `order` of the last event.
         published: u64,
         delivered: u64,
         slow_consumer_cuts: u64,
+    }
+
+    /// What the rings hold together, against `MAX_RETAINED_BYTES`. When a publish takes the
+    /// total over the limit, the oldest events of all topics go first, whichever topics hold
+    /// them; a ring only ever loses its oldest entry, so its `seq`s stay consecutive.
+    #[derive(Default)]
+    struct Retention {
+        /// Bytes of the frames in all rings.
+        bytes: usize,
+        /// Every non-empty ring, by the `order` of its oldest entry: the first names the topic
+        /// holding the oldest event anywhere. One entry per topic, so it is as small as the
+        /// topic map.
+        fronts: BTreeMap<u64, Arc<str>>,
     }
 
     struct Topic {
@@ -1346,10 +1439,10 @@ mod broker {
     }
 
     impl Broker {
-        pub fn new(ring_size: usize) -> Broker {
+        pub fn new(limits: Limits) -> Broker {
             Broker {
                 state: Mutex::new(State::default()),
-                ring_size,
+                limits,
             }
         }
 
@@ -1363,6 +1456,9 @@ mod broker {
             let mut state = self.lock();
             if state.topics.contains_key(name) {
                 return Err(BrokerError::TopicExists);
+            }
+            if state.topics.len() >= self.limits.topics {
+                return Err(BrokerError::TooManyTopics);
             }
             let name: Arc<str> = name.into();
             let topic = Topic {
@@ -1380,10 +1476,11 @@ mod broker {
         /// Removes a topic; each of its subscribers is told with `notice` and stays connected.
         pub fn delete_topic(&self, name: &str, notice: Utf8Bytes) -> Result<(), BrokerError> {
             let mut state = self.lock();
-            let topic = state
+            let mut topic = state
                 .topics
                 .remove(name)
                 .ok_or(BrokerError::TopicNotFound)?;
+            while topic.drop_oldest(&mut state.retention) {}
             let mut overflowed = Vec::new();
             for subscriber in &topic.subscribers {
                 if let Some(session) = state.sessions.get_mut(&subscriber.session) {
@@ -1415,6 +1512,7 @@ mod broker {
                 published: state.published,
                 delivered: state.delivered,
                 slow_consumer_cuts: state.slow_consumer_cuts,
+                retained_bytes: state.retention.bytes,
                 first_topics: state
                     .topics
                     .values()
@@ -1565,7 +1663,7 @@ mod broker {
             if state.closed {
                 return Err(BrokerError::Closed);
             }
-            let ring_size = self.ring_size;
+            let state = &mut *state;
             let topic = state
                 .topics
                 .get_mut(name)
@@ -1573,15 +1671,13 @@ mod broker {
             topic.last_seq += 1;
             let seq = topic.last_seq;
             let frame = event.with_seq(seq);
-            if ring_size > 0 {
-                if topic.ring.len() == ring_size {
-                    topic.ring.pop_front();
-                }
-                topic.ring.push_back(RingEntry {
-                    seq,
-                    frame: frame.clone(),
-                });
-            }
+            state.published += 1;
+            let entry = RingEntry {
+                seq,
+                frame: frame.clone(),
+                order: state.published,
+            };
+            topic.retain(entry, self.limits.ring_size, &mut state.retention);
             let live = Arc::new(LiveEvent { frame, accepted_us });
             let mut overflowed = Vec::new();
             for subscriber in &topic.subscribers {
@@ -1598,11 +1694,11 @@ mod broker {
             }
             let name = Arc::clone(&topic.name);
             let delivered = topic.subscribers.len() - overflowed.len();
-            state.published += 1;
             state.delivered += delivered as u64;
             for (session, why) in overflowed {
                 state.cut(session, why, Some((Arc::clone(&name), seq - 1)));
             }
+            state.enforce_retention(self.limits.retained_bytes);
             Ok(seq)
         }
 
@@ -1627,6 +1723,34 @@ mod broker {
     }
 
     impl Topic {
+        /// Appends an event to the ring, dropping its oldest beyond `ring_size`.
+        fn retain(&mut self, entry: RingEntry, ring_size: usize, retention: &mut Retention) {
+            if ring_size == 0 {
+                return;
+            }
+            if self.ring.len() >= ring_size {
+                self.drop_oldest(retention);
+            }
+            if self.ring.is_empty() {
+                retention.fronts.insert(entry.order, Arc::clone(&self.name));
+            }
+            retention.bytes += entry.frame.len();
+            self.ring.push_back(entry);
+        }
+
+        /// Drops the ring's oldest entry; false when it was empty.
+        fn drop_oldest(&mut self, retention: &mut Retention) -> bool {
+            let Some(oldest) = self.ring.pop_front() else {
+                return false;
+            };
+            retention.bytes = retention.bytes.saturating_sub(oldest.frame.len());
+            retention.fronts.remove(&oldest.order);
+            if let Some(next) = self.ring.front() {
+                retention.fronts.insert(next.order, Arc::clone(&self.name));
+            }
+            true
+        }
+
         fn stats(&self) -> TopicStats {
             TopicStats {
                 name: self.name.to_string(),
@@ -1660,6 +1784,23 @@ mod broker {
     }
 
     impl State {
+        /// Drops the oldest events of all topics until the rings hold `limit` bytes at most.
+        fn enforce_retention(&mut self, limit: usize) {
+            while self.retention.bytes > limit {
+                let Some((&order, name)) = self.retention.fronts.first_key_value() else {
+                    return;
+                };
+                let dropped = match self.topics.get_mut(name) {
+                    Some(topic) => topic.drop_oldest(&mut self.retention),
+                    None => false,
+                };
+                if !dropped {
+                    // Cannot happen (a deleted topic leaves the index); never loop on it.
+                    self.retention.fronts.remove(&order);
+                }
+            }
+        }
+
         /// Removes a session from every topic and records why; its queue is dropped, so
         /// nothing more is queued for it.
         fn cut(&mut self, id: SessionId, why: Ending, position: Option<(Arc<str>, u64)>) {
@@ -1693,7 +1834,10 @@ struct Shared {
     config: Config,
     broker: Broker,
     connections: Connections,
-    refusals: Refusals,
+    /// Connections turned away: `MAX_CONNECTIONS`, out of descriptors or threads.
+    refusals: Tally,
+    /// Connections cut because their request head was too slow or they were evicted for room.
+    slow_heads: Tally,
     metrics: Metrics,
     started: Instant,
     shutting_down: AtomicBool,
@@ -1709,10 +1853,15 @@ struct Shared {
 impl Shared {
     fn new(config: Config, rest_backends: RestBackends) -> Shared {
         Shared {
-            broker: Broker::new(config.ring_size),
+            broker: Broker::new(broker::Limits {
+                ring_size: config.ring_size,
+                retained_bytes: config.max_retained_bytes,
+                topics: config.max_topics,
+            }),
             config,
             connections: Connections::default(),
-            refusals: Refusals::default(),
+            refusals: Tally::new("refused"),
+            slow_heads: Tally::new("cut for a slow request head"),
             metrics: Metrics::default(),
             started: Instant::now(),
             shutting_down: AtomicBool::new(false),
@@ -1744,8 +1893,17 @@ struct Connections {
 
 #[derive(Default)]
 struct OpenConnections {
-    sockets: HashMap<u64, Arc<TcpStream>>,
+    sockets: HashMap<u64, OpenConnection>,
     websockets: usize,
+}
+
+/// One admitted connection, as [`Connections`] sees it.
+struct OpenConnection {
+    socket: Arc<TcpStream>,
+    /// Since when it has been waiting for a request head (a new connection, or a REST
+    /// keep-alive between requests); `None` while a request is served or a WebSocket session
+    /// runs. Only a connection that is waiting may be evicted to make room.
+    awaiting_head_since: Option<Instant>,
 }
 
 /// Keeps a connection in [`Connections`] while it lives, counting it against
@@ -1762,13 +1920,31 @@ impl Connections {
         self.open.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Admits a connection unless `MAX_CONNECTIONS` are open already.
+    /// Admits a connection. When `MAX_CONNECTIONS` are open, the one that has waited longest
+    /// for a request head is shut down to make room: the budget goes to clients that make
+    /// progress, never to a served request or a WebSocket session. Without such a connection,
+    /// the new one is refused (`None`).
     fn admit(shared: &Arc<Shared>, id: u64, socket: &Arc<TcpStream>) -> Option<Registration> {
         let mut open = shared.connections.lock();
         if open.sockets.len() >= shared.config.max_connections {
-            return None;
+            let oldest = open
+                .sockets
+                .iter()
+                .filter_map(|(&id, c)| c.awaiting_head_since.map(|since| (since, id)))
+                .min()?;
+            // Its thread sees the shutdown and ends; its registration then finds it gone.
+            if let Some(evicted) = open.sockets.remove(&oldest.1) {
+                let _ = evicted.socket.shutdown(Shutdown::Both);
+            }
+            shared
+                .slow_heads
+                .record("evicted, waiting for a request head while MAX_CONNECTIONS were open");
         }
-        open.sockets.insert(id, Arc::clone(socket));
+        let connection = OpenConnection {
+            socket: Arc::clone(socket),
+            awaiting_head_since: Some(Instant::now()),
+        };
+        open.sockets.insert(id, connection);
         Some(Registration {
             shared: Arc::clone(shared),
             id,
@@ -1787,6 +1963,13 @@ impl Connections {
         open.websockets
     }
 
+    /// Records whether a connection is waiting for a request head, and so may be evicted.
+    fn set_awaiting_head(&self, id: u64, awaiting: bool) {
+        if let Some(connection) = self.lock().sockets.get_mut(&id) {
+            connection.awaiting_head_since = awaiting.then(Instant::now);
+        }
+    }
+
     /// (open connections, of which WebSocket sessions).
     fn counts(&self) -> (usize, usize) {
         let open = self.lock();
@@ -1795,8 +1978,8 @@ impl Connections {
 
     /// Shuts every socket down, which wakes the threads blocked on them.
     fn shutdown_all(&self) {
-        for socket in self.lock().sockets.values() {
-            let _ = socket.shutdown(Shutdown::Both);
+        for connection in self.lock().sockets.values() {
+            let _ = connection.socket.shutdown(Shutdown::Both);
         }
     }
 }
@@ -1821,16 +2004,25 @@ impl Drop for Registration {
     }
 }
 
-/// Counts connections turned away and logs them at most once a second, so that a flood of
-/// connections does not become a flood of log lines too.
-#[derive(Default)]
-struct Refusals {
-    /// When the last line was logged, and how many refusals came since.
+/// Counts connections ended for one kind of reason and logs them at most once a second, so
+/// that a flood of connections does not become a flood of log lines too.
+struct Tally {
+    /// What happened to the connections counted, for the log line ("refused").
+    what: &'static str,
+    /// When the last line was logged, and how many came since.
     log_state: Mutex<(Option<Instant>, u64)>,
     total: AtomicU64,
 }
 
-impl Refusals {
+impl Tally {
+    fn new(what: &'static str) -> Tally {
+        Tally {
+            what,
+            log_state: Mutex::new((None, 0)),
+            total: AtomicU64::new(0),
+        }
+    }
+
     fn record(&self, why: &str) {
         self.total.fetch_add(1, Ordering::Relaxed);
         let mut state = self
@@ -1841,7 +2033,8 @@ impl Refusals {
         *unlogged += 1;
         let now = Instant::now();
         if last_logged.is_none_or(|last| now.duration_since(last) >= Duration::from_secs(1)) {
-            log::warn!("refused {unlogged} connection(s) since the last report: {why}");
+            let what = self.what;
+            log::warn!("{what}: {unlogged} connection(s) since the last report (last: {why})");
             (*last_logged, *unlogged) = (Some(now), 0);
         }
     }
@@ -1990,7 +2183,7 @@ fn run_acceptor(listener: TcpListener, shared: &Arc<Shared>) {
 /// spawned for it): a 503 with a JSON error, then close. Whatever of the request has arrived
 /// is read first, so that closing does not reset the connection before the client reads the
 /// answer. Nothing here may block the acceptor.
-fn refuse(socket: &TcpStream, refusals: &Refusals, why: &str) {
+fn refuse(socket: &TcpStream, refusals: &Tally, why: &str) {
     let _ = socket.set_nonblocking(true);
     let _ = (&*socket).read(&mut [0u8; 4096]);
     let message = format!("server busy: {why}; retry later");
@@ -2047,6 +2240,45 @@ fn is_expected_end(error: &io::Error) -> bool {
     )
 }
 
+/// How long a request head may take to arrive: at most `HANDSHAKE_TIMEOUT_SEC` from when it was
+/// awaited and, once its first byte is in, no slower than [`HEAD_MIN_RATE`] after
+/// [`HEAD_RATE_GRACE`]. A connection that has not sent a byte yet (a browser's preconnect) keeps
+/// the whole timeout; only a head that has started and stalls is cut early.
+struct HeadClock {
+    awaited: Instant,
+    limit: Duration,
+    first_byte: Option<Instant>,
+}
+
+impl HeadClock {
+    fn start(limit: Duration) -> HeadClock {
+        HeadClock {
+            awaited: Instant::now(),
+            limit,
+            first_byte: None,
+        }
+    }
+
+    /// How long the next read may wait, with `received` bytes of the head in; a `TimedOut`
+    /// error once the head is late.
+    fn remaining(&mut self, received: usize) -> io::Result<Duration> {
+        let now = Instant::now();
+        let mut deadline = self.awaited + self.limit;
+        if received > 0 {
+            let first_byte = *self.first_byte.get_or_insert(now);
+            let earned = Duration::from_millis(received as u64 * 1000 / HEAD_MIN_RATE);
+            deadline = deadline.min(first_byte + HEAD_RATE_GRACE + earned);
+        }
+        match deadline.checked_duration_since(now) {
+            Some(remaining) if !remaining.is_zero() => Ok(remaining),
+            _ => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "request head not received in time",
+            )),
+        }
+    }
+}
+
 /// Where a connection goes, decided from its request line alone.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Route {
@@ -2056,6 +2288,8 @@ pub(crate) enum Route {
     Closed,
     /// The request line exceeded [`MAX_REQUEST_LINE`].
     TooLong,
+    /// The peer closed its side in the middle of the request line.
+    Incomplete,
 }
 
 /// Routes one connection: `/ws` to the WebSocket session, anything else to REST.
@@ -2067,14 +2301,24 @@ fn dispatch(
 ) -> io::Result<Dispatched> {
     socket.set_nodelay(true)?;
     socket.set_write_timeout(Some(shared.config.write_timeout))?;
-    // One deadline for the request line and the WebSocket handshake together.
-    let handshake_deadline = Instant::now() + shared.config.handshake_timeout;
-    let ended = match peek_route(socket, handshake_deadline)? {
+    // One clock for the request line and the rest of the head (the WebSocket handshake, or
+    // the first REST request).
+    let mut clock = HeadClock::start(shared.config.handshake_timeout);
+    let route = match peek_route(socket, &mut clock) {
+        Ok(route) => route,
+        Err(error) => {
+            if error.kind() == io::ErrorKind::TimedOut {
+                shared.slow_heads.record("request line too slow");
+            }
+            return Err(error);
+        }
+    };
+    let ended = match route {
         Route::WebSocket => {
             registration.mark_websocket();
-            return serve_ws(socket, peer, handshake_deadline, registration);
+            return serve_ws(socket, peer, clock, registration);
         }
-        Route::Rest => proxy_to_rest(socket, peer, shared),
+        Route::Rest => proxy_to_rest(socket, peer, shared, clock),
         Route::Closed => Ok(()),
         Route::TooLong => write_raw_error(
             &mut &**socket,
@@ -2082,33 +2326,57 @@ fn dispatch(
             ErrorCode::BadRequest,
             &format!("request line longer than {MAX_REQUEST_LINE} bytes"),
         ),
+        Route::Incomplete => {
+            // The line stays unread in the socket: closing with unread bytes would reset the
+            // connection and could destroy the answer on its way.
+            let _ = (&**socket).read(&mut [0u8; MAX_REQUEST_LINE]);
+            write_raw_error(
+                &mut &**socket,
+                StatusCode::BAD_REQUEST,
+                ErrorCode::BadRequest,
+                "the connection was half-closed before the request line was complete",
+            )
+        }
     };
     ended.map(|()| Dispatched::Ended)
 }
 
 /// Peeks (without consuming) until the request line is complete, then routes on its path. The
-/// bytes stay in the socket for whoever serves the connection. A line that arrives in pieces is
-/// re-peeked after a short pause, since `peek` returns at once while any byte is waiting; the
-/// deadline bounds a client that trickles bytes.
-fn peek_route(socket: &TcpStream, deadline: Instant) -> io::Result<Route> {
+/// bytes stay in the socket for whoever serves the connection. `peek` returns at once while any
+/// byte is waiting, so a line that arrives in pieces is re-peeked after a short wait in `poll`
+/// for the peer's FIN (`POLLRDHUP`): a peer that closed its side can never complete the line,
+/// and is answered at once instead of at the deadline. The deadline bounds a client that
+/// trickles bytes (see [`HeadClock`]).
+fn peek_route(socket: &TcpStream, clock: &mut HeadClock) -> io::Result<Route> {
     let mut buf = vec![0u8; MAX_REQUEST_LINE];
     let mut pause = Duration::from_millis(1);
+    let mut peeked = 0;
     loop {
-        let remaining = deadline.saturating_duration_since(Instant::now());
-        if remaining.is_zero() {
-            return Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "request line not received in time",
-            ));
-        }
+        let remaining = clock.remaining(peeked)?;
         socket.set_read_timeout(Some(remaining))?;
-        let n = socket.peek(&mut buf)?;
-        if let Some(route) = decide_route(&buf[..n], buf.len()) {
+        peeked = socket.peek(&mut buf)?;
+        if let Some(route) = decide_route(&buf[..peeked], buf.len()) {
             return Ok(route);
         }
-        thread::sleep(pause.min(remaining));
+        if peer_has_closed(socket, pause.min(clock.remaining(peeked)?))? {
+            return Ok(Route::Incomplete);
+        }
         pause = (pause * 2).min(Duration::from_millis(50));
     }
+}
+
+/// Waits up to `wait` for the peer to shut down its sending side; true once it has.
+fn peer_has_closed(socket: &TcpStream, wait: Duration) -> io::Result<bool> {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    let timeout = Timespec::try_from(wait).unwrap_or(Timespec {
+        tv_sec: 1,
+        tv_nsec: 0,
+    });
+    let mut fds = [PollFd::new(socket, PollFlags::RDHUP)];
+    poll(&mut fds, Some(&timeout))?;
+    Ok(fds[0]
+        .revents()
+        .intersects(PollFlags::RDHUP | PollFlags::HUP | PollFlags::ERR))
 }
 
 /// Routes on what has been peeked so far, or `None` while the request line is incomplete and
@@ -2175,26 +2443,23 @@ fn error_json(code: ErrorCode, message: &str) -> String {
 struct ReaderSocket {
     socket: Arc<TcpStream>,
     handshake_done: bool,
-    /// When the handshake must be complete: each read before then gets only the time left,
-    /// so headers that trickle in cannot stretch it.
-    handshake_deadline: Instant,
+    /// Bounds the handshake: each read before it is done gets only the time left, so headers
+    /// that trickle in cannot stretch it.
+    clock: HeadClock,
+    /// Bytes of the handshake request read so far.
+    received: usize,
 }
 
 impl Read for ReaderSocket {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if !self.handshake_done {
-            let remaining = self
-                .handshake_deadline
-                .saturating_duration_since(Instant::now());
-            if remaining.is_zero() {
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "handshake not completed in time",
-                ));
-            }
-            self.socket.set_read_timeout(Some(remaining))?;
+        if self.handshake_done {
+            return (&*self.socket).read(buf);
         }
-        (&*self.socket).read(buf)
+        self.socket
+            .set_read_timeout(Some(self.clock.remaining(self.received)?))?;
+        let n = (&*self.socket).read(buf)?;
+        self.received += n;
+        Ok(n)
     }
 }
 
@@ -2248,7 +2513,7 @@ struct Session<'a> {
 fn serve_ws(
     socket: &Arc<TcpStream>,
     peer: Peer,
-    handshake_deadline: Instant,
+    clock: HeadClock,
     registration: Registration,
 ) -> io::Result<Dispatched> {
     let shared = Arc::clone(&registration.shared);
@@ -2256,7 +2521,8 @@ fn serve_ws(
     let reader_socket = ReaderSocket {
         socket: Arc::clone(socket),
         handshake_done: false,
-        handshake_deadline,
+        clock,
+        received: 0,
     };
     let authorize = UpgradeAuth { config };
     let mut ws = match tungstenite::accept_hdr_with_config(
@@ -2269,7 +2535,12 @@ fn serve_ws(
             log::debug!("{peer}: upgrade refused with {}", response.status());
             return Ok(Dispatched::Ended);
         }
-        Err(HandshakeError::Failure(tungstenite::Error::Io(error))) => return Err(error),
+        Err(HandshakeError::Failure(tungstenite::Error::Io(error))) => {
+            if error.kind() == io::ErrorKind::TimedOut {
+                shared.slow_heads.record("WebSocket handshake too slow");
+            }
+            return Err(error);
+        }
         Err(HandshakeError::Failure(error)) => {
             log::debug!("{peer}: not a WebSocket upgrade: {error}");
             let message = format!("/ws expects a WebSocket upgrade request: {error}");
@@ -2282,13 +2553,15 @@ fn serve_ws(
             .map(|()| Dispatched::Ended);
         }
         Err(HandshakeError::Interrupted(_)) => {
+            shared.slow_heads.record("WebSocket handshake too slow");
             return Err(io::Error::new(
                 io::ErrorKind::TimedOut,
                 "WebSocket handshake not completed in time",
-            ))
+            ));
         }
     };
     ws.get_mut().handshake_done = true;
+    shared.connections.set_awaiting_head(peer.id, false);
     // A peer that sends nothing, not even a pong, for two heartbeat intervals is dropped: the
     // read times out and the session ends.
     socket.set_read_timeout(Some(config.heartbeat * 2))?;
@@ -2585,26 +2858,49 @@ fn read_requests(ws: &mut WebSocket<ReaderSocket>, session: &Session<'_>) -> Rea
             Ok(message) => message,
             Err(error) => return ReadEnd::from_error(error),
         };
+        let request = match message {
+            Message::Text(text) => Request::Text(text),
+            Message::Binary(_) => Request::Binary,
+            Message::Ping(data) => {
+                if session
+                    .tx
+                    .send(Outgoing::Reply(Box::new(Reply::Pong(data))))
+                    .is_err()
+                {
+                    return ReadEnd::WriterGone;
+                }
+                continue;
+            }
+            Message::Close(frame) => return ReadEnd::PeerClosed(frame.map(|f| f.code)),
+            _ => continue,
+        };
         // A session that is ending executes nothing more; it only waits for its close.
-        let ending = session.control.ending() != Ending::Open;
-        let reply = match message {
-            Message::Text(text) if !ending => handle_request(&text, session),
-            Message::Binary(_) if !ending => Some(error_reply(
+        if !session.control.begin_request() {
+            continue;
+        }
+        let reply = match request {
+            Request::Text(text) => handle_request(&text, session),
+            Request::Binary => Some(error_reply(
                 None,
                 ErrorCode::BadRequest,
                 "binary frames are not supported: send each request as a JSON text frame",
                 &timestamp(),
             )),
-            Message::Ping(data) => Some(Outgoing::Reply(Box::new(Reply::Pong(data)))),
-            Message::Close(frame) => return ReadEnd::PeerClosed(frame.map(|f| f.code)),
-            _ => None,
         };
-        if let Some(reply) = reply {
-            if session.tx.send(reply).is_err() {
-                return ReadEnd::WriterGone;
-            }
+        // Blocks while the queue is full: a client that sends faster than it reads is slowed
+        // down, not cut. The reply of a request the session's cut interrupted still goes out.
+        let sent = reply.is_none_or(|reply| session.tx.send(reply).is_ok());
+        session.control.end_request();
+        if !sent {
+            return ReadEnd::WriterGone;
         }
     }
+}
+
+/// A data frame from the client, to execute.
+enum Request {
+    Text(Utf8Bytes),
+    Binary,
 }
 
 /// Executes one request and returns the reply to queue, or `None` when the broker has queued it
@@ -2685,9 +2981,10 @@ fn handle_request(text: &str, session: &Session<'_>) -> Option<Outgoing> {
                     ErrorCode::TopicNotFound,
                     format!("topic {topic:?} does not exist"),
                 ),
-                BrokerError::TopicExists => (
+                // Topics are created over REST only: these cannot come from a WebSocket request.
+                BrokerError::TopicExists | BrokerError::TooManyTopics => (
                     ErrorCode::Internal,
-                    format!("topic {topic:?} already exists"),
+                    format!("topic {topic:?} cannot be created here"),
                 ),
                 BrokerError::Closed => (
                     ErrorCode::Internal,
@@ -2818,62 +3115,101 @@ impl Writer {
                 },
             };
             if let Some(item) = first {
-                if self.write_item(item)? {
+                if self.write_item(item)? || self.write_ready()? {
                     return Ok(());
-                }
-                // Everything already queued goes out in the same flush.
-                loop {
-                    match self.rx.try_recv() {
-                        Ok(item) => {
-                            if self.write_item(item)? {
-                                return Ok(());
-                            }
-                        }
-                        Err(TryRecvError::Empty) => break,
-                        Err(TryRecvError::Disconnected) => return self.flush(),
-                    }
                 }
                 self.flush()?;
             }
-            // The queue is empty here, so everything queued before the ending has been written.
-            match self.control.ending() {
-                Ending::Open => {}
-                Ending::SlowConsumer => {
-                    let message = format!(
-                        "outbound queue full (QUEUE_SIZE={}): every subscription of this connection was \
-                         removed; events up to this message were delivered, none after; resubscribe \
-                         with since_seq and epoch to resume",
-                        self.shared.config.queue_size
-                    );
-                    let (topic, seq) = self.control.cut_position().unzip();
-                    let error = ErrorBody {
-                        code: ErrorCode::SlowConsumer,
-                        message: &message,
-                    };
-                    let ts = timestamp();
-                    let frame = ServerMessage::Error {
-                        request_id: None,
-                        topic,
-                        seq,
-                        error,
-                        ts: &ts,
+            let ending = self.control.ending();
+            if ending != Ending::Open {
+                return self.finish(ending);
+            }
+        }
+    }
+
+    /// Writes every item already queued, without flushing; returns true once a Close frame
+    /// has been sent or the queue is disconnected.
+    fn write_ready(&mut self) -> tungstenite::Result<bool> {
+        loop {
+            match self.rx.try_recv() {
+                Ok(item) => {
+                    if self.write_item(item)? {
+                        return Ok(true);
                     }
-                    .to_frame();
-                    self.ws.write(Message::Text(frame))?;
-                    return self.close(CloseCode::Policy, "slow consumer");
                 }
-                Ending::ShuttingDown => {
-                    let frame = ServerMessage::Info {
-                        topic: None,
-                        msg: "server_shutdown",
-                        ts: &timestamp(),
-                    }
-                    .to_frame();
-                    self.ws.write(Message::Text(frame))?;
-                    return self.close(CloseCode::Away, "server shutdown");
+                Err(TryRecvError::Empty) => return Ok(false),
+                Err(TryRecvError::Disconnected) => {
+                    self.flush()?;
+                    return Ok(true);
                 }
             }
         }
+    }
+
+    /// Ends a session whose ending has been seen: writes everything queued before it, and the
+    /// reply of a request the reader was executing when it came, then the last message
+    /// (`SLOW_CONSUMER` or `server_shutdown`) and the Close frame. The ending was read before
+    /// this drain starts, and nothing is queued for the session by the broker after it, so an
+    /// empty queue with the reader idle means every event the session was sent is out.
+    fn finish(&mut self, ending: Ending) -> tungstenite::Result<()> {
+        /// How long the writer waits at a time for the reply of an executing request.
+        const REPLY_POLL: Duration = Duration::from_millis(1);
+        loop {
+            let reader_idle = !self.control.is_executing();
+            if self.write_ready()? {
+                return Ok(());
+            }
+            if reader_idle {
+                break;
+            }
+            self.flush()?;
+            match self.rx.recv_timeout(REPLY_POLL) {
+                Ok(item) => {
+                    if self.write_item(item)? {
+                        return Ok(());
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        let ts = timestamp();
+        let (frame, code, reason) = match ending {
+            Ending::SlowConsumer => {
+                let message = format!(
+                    "outbound queue full (QUEUE_SIZE={}): every subscription of this connection was \
+                     removed; events up to this message were delivered, none after; resubscribe \
+                     with since_seq and epoch to resume",
+                    self.shared.config.queue_size
+                );
+                let (topic, seq) = self.control.cut_position().unzip();
+                let error = ErrorBody {
+                    code: ErrorCode::SlowConsumer,
+                    message: &message,
+                };
+                let frame = ServerMessage::Error {
+                    request_id: None,
+                    topic,
+                    seq,
+                    error,
+                    ts: &ts,
+                }
+                .to_frame();
+                (frame, CloseCode::Policy, "slow consumer")
+            }
+            Ending::Open => return self.close(CloseCode::Normal, ""),
+            Ending::ShuttingDown => {
+                let frame = ServerMessage::Info {
+                    topic: None,
+                    msg: "server_shutdown",
+                    ts: &ts,
+                }
+                .to_frame();
+                (frame, CloseCode::Away, "server shutdown")
+            }
+        };
+        self.ws.write(Message::Text(frame))?;
+        self.close(code, reason)
     }
 
     /// Encodes one item; returns true once a Close frame has been sent.
@@ -2933,14 +3269,22 @@ impl Writer {
 /// thread reads the client's requests one at a time, each checked and whole (see
 /// [`RequestPump`]), has tiny_http answer each on one of the [`RestBackends`], and writes the
 /// answer back before reading the next request, so answers keep the order of requests.
-fn proxy_to_rest(client: &Arc<TcpStream>, peer: Peer, shared: &Shared) -> io::Result<()> {
+fn proxy_to_rest(
+    client: &Arc<TcpStream>,
+    peer: Peer,
+    shared: &Shared,
+    first_clock: HeadClock,
+) -> io::Result<()> {
     let mut pump = RequestPump {
         client,
         buf: Vec::new(),
         config: &shared.config,
+        connections: &shared.connections,
+        id: peer.id,
     };
+    let mut clock = Some(first_clock);
     let result = loop {
-        let request = match pump.next_request() {
+        let request = match pump.next_request(clock.take()) {
             Ok(Some(request)) => request,
             Ok(None) => break Ok(()),
             Err(PumpEnd::Refused(refusal)) => {
@@ -2948,7 +3292,12 @@ fn proxy_to_rest(client: &Arc<TcpStream>, peer: Peer, shared: &Shared) -> io::Re
                 let (status, code) = (refusal.status, refusal.code);
                 break write_raw_error(&mut &**client, status, code, &refusal.message);
             }
-            Err(PumpEnd::Failed(error)) => break Err(error),
+            Err(PumpEnd::Failed(error)) => {
+                if error.kind() == io::ErrorKind::TimedOut {
+                    shared.slow_heads.record("REST request too slow");
+                }
+                break Err(error);
+            }
         };
         let answer = match shared.rest_backends.exchange(&request) {
             Ok(answer) => answer,
@@ -2964,6 +3313,7 @@ fn proxy_to_rest(client: &Arc<TcpStream>, peer: Peer, shared: &Shared) -> io::Re
         if request.close_after {
             break Ok(());
         }
+        shared.connections.set_awaiting_head(peer.id, true);
     };
     let _ = client.shutdown(Shutdown::Both);
     result
@@ -3350,23 +3700,38 @@ struct RequestPump<'a> {
     /// Bytes read from the client and not yet forwarded.
     buf: Vec<u8>,
     config: &'a Config,
+    /// Told when a request head is complete, so the connection can no longer be evicted.
+    connections: &'a Connections,
+    id: u64,
 }
 
 impl RequestPump<'_> {
     /// The next request, or `None` when the client closes between requests.
-    fn next_request(&mut self) -> Result<Option<ForwardedRequest>, PumpEnd> {
-        // Waiting for the next request on a keep-alive connection may take a while; once it
-        // has begun, the whole request must arrive within the handshake timeout.
-        self.client.set_read_timeout(Some(REST_IDLE_TIMEOUT))?;
-        if self.buf.is_empty() && !self.fill()? {
-            return Ok(None);
-        }
-        let deadline = Instant::now() + self.config.handshake_timeout;
-        self.read_request(deadline).map(Some)
+    /// Reads the next request, its head timed by `clock` when given (the first request's,
+    /// which started with the connection).
+    fn next_request(
+        &mut self,
+        clock: Option<HeadClock>,
+    ) -> Result<Option<ForwardedRequest>, PumpEnd> {
+        let clock = match clock {
+            Some(clock) => clock,
+            None => {
+                // Waiting for the next request on a keep-alive connection may take a while;
+                // once it has begun, it must arrive within the handshake timeout.
+                self.client.set_read_timeout(Some(REST_IDLE_TIMEOUT))?;
+                if self.buf.is_empty() && !self.fill()? {
+                    return Ok(None);
+                }
+                HeadClock::start(self.config.handshake_timeout)
+            }
+        };
+        self.read_request(clock).map(Some)
     }
 
-    /// Reads one whole request.
-    fn read_request(&mut self, deadline: Instant) -> Result<ForwardedRequest, PumpEnd> {
+    /// Reads one whole request: the head as fast as [`HeadClock`] asks, then the body within
+    /// the handshake timeout from when the request was awaited.
+    fn read_request(&mut self, mut clock: HeadClock) -> Result<ForwardedRequest, PumpEnd> {
+        let deadline = clock.awaited + clock.limit;
         let (head_len, head, framing, expects_continue, close_after, is_head) = loop {
             let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
             let mut request = httparse::Request::new(&mut headers);
@@ -3391,7 +3756,10 @@ impl RequestPump<'_> {
                 Ok(httparse::Status::Partial) if self.buf.len() >= MAX_HEAD_BYTES => {
                     return Err(head_too_large())
                 }
-                Ok(httparse::Status::Partial) => self.fill_before(deadline)?,
+                Ok(httparse::Status::Partial) => {
+                    let remaining = clock.remaining(self.buf.len())?;
+                    self.fill_before(Instant::now() + remaining)?
+                }
                 Err(httparse::Error::TooManyHeaders) => return Err(head_too_large()),
                 Err(httparse::Error::Version) if names_another_http_version(&self.buf) => {
                     let message = "only HTTP/1.0 and HTTP/1.1 are served here";
@@ -3414,6 +3782,7 @@ impl RequestPump<'_> {
         if head_len > MAX_HEAD_BYTES {
             return Err(head_too_large());
         }
+        self.connections.set_awaiting_head(self.id, false);
         // tiny_http drops a connection whose head is not ASCII without an answer.
         if !self.buf[..head_len].is_ascii() {
             let message = "the request line and headers must be ASCII";
@@ -3732,6 +4101,8 @@ enum RestError {
     NotFound,
     TopicNotFound(String),
     TopicExists(String),
+    /// `MAX_TOPICS` reached.
+    TooManyTopics(String),
     MethodNotAllowed(&'static str),
     PayloadTooLarge(usize),
     /// Shutdown has begun: no new publishes.
@@ -3748,6 +4119,7 @@ impl RestError {
             RestError::NotFound | RestError::TopicNotFound(_) => 404,
             RestError::MethodNotAllowed(_) => 405,
             RestError::TopicExists(_) => 409,
+            RestError::TooManyTopics(_) => 507,
             RestError::PayloadTooLarge(_) => 413,
             RestError::Internal(_) => 500,
             RestError::ShuttingDown => 503,
@@ -3761,6 +4133,7 @@ impl RestError {
             RestError::NotFound => ErrorCode::NotFound,
             RestError::TopicNotFound(_) => ErrorCode::TopicNotFound,
             RestError::TopicExists(_) => ErrorCode::TopicExists,
+            RestError::TooManyTopics(_) => ErrorCode::TooManyTopics,
             RestError::MethodNotAllowed(_) => ErrorCode::MethodNotAllowed,
             RestError::PayloadTooLarge(_) => ErrorCode::PayloadTooLarge,
             RestError::ShuttingDown | RestError::Internal(_) => ErrorCode::Internal,
@@ -3782,6 +4155,7 @@ impl RestError {
         match error {
             BrokerError::TopicNotFound => RestError::TopicNotFound(topic.to_string()),
             BrokerError::TopicExists => RestError::TopicExists(topic.to_string()),
+            BrokerError::TooManyTopics => RestError::TooManyTopics(topic.to_string()),
             BrokerError::Closed | BrokerError::SessionEnded => RestError::ShuttingDown,
         }
     }
@@ -3796,6 +4170,9 @@ impl RestError {
             RestError::NotFound => "no such route: see README.md for the REST API".to_string(),
             RestError::TopicNotFound(name) => format!("topic {name:?} does not exist"),
             RestError::TopicExists(name) => format!("topic {name:?} already exists"),
+            RestError::TooManyTopics(name) => format!(
+                "topic {name:?} not created: MAX_TOPICS topics exist already; delete one first"
+            ),
             RestError::MethodNotAllowed(allow) => {
                 format!("method not allowed here; allowed: {allow}")
             }
@@ -4104,7 +4481,7 @@ fn create_topic(body: &[u8], shared: &Shared) -> Result<RestReply, RestError> {
                 serde_json::json!({"status": "created", "topic": name}).to_string(),
             ))
         }
-        Err(_) => Err(RestError::TopicExists(name)),
+        Err(error) => Err(RestError::from_broker(error, &name)),
     }
 }
 
@@ -4310,6 +4687,13 @@ fn metrics(shared: &Shared) -> RestReply {
         one(refused),
     );
     family(
+        "pubsub_connections_slow_head_cut_total",
+        "counter",
+        "Connections cut because their request head came too slowly, or evicted for room at \
+         MAX_CONNECTIONS while waiting for one.",
+        one(load(&shared.slow_heads.total)),
+    );
+    family(
         "pubsub_topics",
         "gauge",
         "Topics.",
@@ -4357,6 +4741,18 @@ fn metrics(shared: &Shared) -> RestReply {
         "counter",
         "Events queued for subscribers per topic.",
         per_topic(|t| t.delivered),
+    );
+    family(
+        "pubsub_retained_bytes",
+        "gauge",
+        "Bytes of event frames held in all topics' rings together.",
+        one(broker.retained_bytes as u64),
+    );
+    family(
+        "pubsub_retained_bytes_limit",
+        "gauge",
+        "MAX_RETAINED_BYTES: beyond it the oldest events of all topics are dropped.",
+        one(shared.config.max_retained_bytes as u64),
     );
     let cuts = broker.slow_consumer_cuts;
     family(
@@ -4698,6 +5094,13 @@ mod tests {
         assert!(!refused(
             r#"{"ok":"\ud83d\ude00","n":123456789012345678901234567890,"f":-0.0}"#
         ));
+        // Escapes in keys, as Python's json.dumps writes every non-ASCII key.
+        assert!(!refused(r#"{"\u043a\u043b\u044e\u0447":"\u0437"}"#));
+        assert!(!refused(r#"{"a\"b":1,"c\\d":2,"e\nf":3,"\u0000":4}"#));
+        assert!(!refused(
+            r#"{"\ud83d\ude80":{"\ud83d\ude80":"\ud83d\ude80"}}"#
+        ));
+        assert!(refused(r#"{"\ud800":1}"#), "a lone surrogate in a key");
     }
 
     #[test]
@@ -4870,6 +5273,17 @@ mod tests {
             ("WRITE_TIMEOUT_SEC", "-1"),
             ("SHUTDOWN_GRACE_SEC", "soon"),
             ("MAX_MESSAGE_BYTES", "1"),
+            ("MAX_MESSAGE_BYTES", "1000000000"),
+            ("QUEUE_SIZE", "1000000000000"),
+            ("QUEUE_SIZE", "18446744073709551615"),
+            ("RING_SIZE", "100000000"),
+            ("MAX_CONNECTIONS", "99999999999"),
+            ("MAX_TOPICS", "0"),
+            ("MAX_RETAINED_BYTES", "-1"),
+            ("HEARTBEAT_SEC", "1e30"),
+            ("WRITE_TIMEOUT_SEC", "inf"),
+            ("HANDSHAKE_TIMEOUT_SEC", "NaN"),
+            ("SHUTDOWN_GRACE_SEC", "100000"),
             ("API_KEY", ""),
             ("HOST", "not a host!"),
         ] {
@@ -4908,7 +5322,21 @@ mod tests {
         ring_size: usize,
         queue_size: usize,
     ) -> (Broker, Receiver<Outgoing>, Arc<SessionControl>) {
-        let broker = Broker::new(ring_size);
+        broker_with_limits(
+            broker::Limits {
+                ring_size,
+                retained_bytes: usize::MAX,
+                topics: usize::MAX,
+            },
+            queue_size,
+        )
+    }
+
+    fn broker_with_limits(
+        limits: broker::Limits,
+        queue_size: usize,
+    ) -> (Broker, Receiver<Outgoing>, Arc<SessionControl>) {
+        let broker = Broker::new(limits);
         let (tx, rx) = mpsc::sync_channel(queue_size);
         let control = Arc::new(SessionControl::default());
         broker.open_session(1, tx, Arc::clone(&control));
@@ -5074,6 +5502,70 @@ mod tests {
         assert_eq!(seqs(5, usize::MAX), Vec::<u64>::new());
         let history = broker.history("t", 0, 0).unwrap();
         assert_eq!((history.epoch.as_str(), history.last_seq), ("E", 5));
+    }
+
+    /// The rings together stay within the retained-bytes limit by dropping the oldest events
+    /// of all topics first; each ring keeps consecutive seqs ending at its last.
+    #[test]
+    fn retained_bytes_drop_the_oldest_events_of_all_topics() {
+        // Every frame of `unfinished("eN")` finished with a one-digit seq is 15 bytes.
+        let frame = publish_frame_len();
+        let (broker, _, _) = broker_with_limits(
+            broker::Limits {
+                ring_size: 100,
+                retained_bytes: 5 * frame,
+                topics: 10,
+            },
+            10,
+        );
+        broker.create_topic("u", "F".to_string()).unwrap();
+        for topic in ["t", "u", "t", "u", "t", "u", "t"] {
+            publish(&broker, topic, "e").unwrap();
+        }
+        let seqs = |name| -> Vec<u64> {
+            let history = broker.history(name, 0, usize::MAX).unwrap();
+            history.entries.iter().map(|e| e.seq).collect()
+        };
+        // Seven publishes, room for five: t's 1 and u's 1 went, in publish order.
+        assert_eq!(seqs("t"), [2, 3, 4]);
+        assert_eq!(seqs("u"), [2, 3]);
+        assert_eq!(broker.snapshot(0).retained_bytes, 5 * frame);
+        broker.delete_topic("u", "gone".into()).unwrap();
+        assert_eq!(broker.snapshot(0).retained_bytes, 3 * frame);
+        // A message larger than the whole limit is delivered but kept nowhere.
+        let huge = "x".repeat(6 * frame);
+        publish(&broker, "t", &huge).unwrap();
+        assert_eq!(seqs("t"), Vec::<u64>::new());
+        assert_eq!(broker.snapshot(0).retained_bytes, 0);
+        publish(&broker, "t", "e").unwrap();
+        assert_eq!(seqs("t"), [6]);
+    }
+
+    fn publish_frame_len() -> usize {
+        unfinished("e").with_seq(1).len()
+    }
+
+    #[test]
+    fn topics_beyond_the_limit_are_refused() {
+        let (broker, _, _) = broker_with_limits(
+            broker::Limits {
+                ring_size: 1,
+                retained_bytes: 1,
+                topics: 2,
+            },
+            1,
+        );
+        broker.create_topic("u", "F".to_string()).unwrap();
+        assert_eq!(
+            broker.create_topic("v", "G".to_string()),
+            Err(BrokerError::TooManyTopics)
+        );
+        assert_eq!(
+            broker.create_topic("t", "G".to_string()),
+            Err(BrokerError::TopicExists)
+        );
+        broker.delete_topic("u", "gone".into()).unwrap();
+        broker.create_topic("v", "G".to_string()).unwrap();
     }
 
     #[test]

@@ -4,7 +4,8 @@
 #   1. cargo test                      (the whole Rust suite; its totals are counted)
 #   2. cargo build --release, start the binary on a free loopback port and
 #      smoke-test it with curl and wscat (every REST endpoint, subscribe,
-#      publish -> event, unsubscribe, ping/pong, an error, SIGTERM)
+#      publish -> event, unsubscribe, ping/pong, an error, SIGTERM); then
+#      the black-box Python clients of tests/clients against it (pytest)
 #   3. operate it and try it: a second server with API_KEY set; the console
 #      in headless Chromium (tests/browser/console.mjs, when Chromium and
 #      playwright-core are installed); a real scrape of /metrics through
@@ -21,8 +22,10 @@
 # builds, the server and the container stay in target/test-sh/ for a look
 # after a failure.
 #
-# Needs: cargo, curl, node + wscat (installed with npm when missing), and for
-# the Docker part a running engine plus the x86_64-unknown-linux-musl target.
+# Needs: cargo, curl, node + wscat (installed with npm when missing), python3
+# with the packages of tests/clients/requirements.txt (pytest, requests,
+# websockets), and for the Docker part a running engine plus the
+# x86_64-unknown-linux-musl target.
 # Optional outside CI (a clear SKIP line when missing, a failure when CI=true):
 # promtool (Debian's prometheus), Debian's chromium and playwright-core in
 # tests/browser/node_modules (npm install --prefix tests/browser).
@@ -49,6 +52,7 @@ BROWSER_TIMEOUT=120 # the whole browser test, Chromium's start included
 # A hung test must not hang CI: the whole suite, build included, normally
 # takes one to two minutes on a cold 2-core machine.
 CARGO_TEST_TIMEOUT=300
+CLIENTS_TIMEOUT=600  # the Python client suite (tests/clients), about a minute
 
 # The server flushes queues for at most SHUTDOWN_GRACE_SEC on shutdown. The
 # stop checks below run with nothing queued, so a correct server needs no
@@ -476,6 +480,43 @@ step_release_smoke() {
   check_shutdown_notice "" host-
 }
 
+# ---- 2b. black-box clients ----------------------------------------------------
+
+# tests/clients: pytest drives the release binary with independent Python
+# clients (websockets, requests, raw sockets); each test starts its own
+# servers on free loopback ports. Each pytest test counts as one check.
+step_clients() {
+  local log=$LOG_DIR/clients.log rc=0 bin=$TARGET_DIR/release/$BIN_NAME passed failed
+  if [[ ! -x $bin ]]; then
+    fail "client suite" "no release binary (see cargo build --release above)"
+    return 0
+  fi
+  if ! python3 -c 'import pytest, requests, websockets' 2>/dev/null; then
+    fail "client suite" "python3 lacks pytest, requests or websockets: python3 -m pip install -r tests/clients/requirements.txt"
+    return 0
+  fi
+  note "python3 -m pytest -q tests/clients (log: $log)"
+  # -p no:cacheprovider and no bytecode: the run leaves the work tree clean.
+  PUBSUB_BIN=$bin PYTHONDONTWRITEBYTECODE=1 timeout -k 10 "$CLIENTS_TIMEOUT" \
+    python3 -m pytest -q -rfE -p no:cacheprovider tests/clients </dev/null >"$log" 2>&1 || rc=$?
+  # pytest's last line: "2 failed, 50 passed, 1 error in 41.3s"
+  read -r passed failed < <(tail -n 1 "$log" | awk '{ for (i = 1; i < NF; i++) {
+    if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^(failed|errors?)/) f += $i } }
+    END { print p + 0, f + 0 }')
+  PASSED=$((PASSED + passed))
+  FAILED=$((FAILED + failed))
+  if [[ $rc -eq 0 ]]; then
+    echo "ok - client suite: $passed passed"
+  elif [[ $rc -eq 124 || $rc -eq 137 ]]; then
+    fail "client suite" "timed out after ${CLIENTS_TIMEOUT}s"
+  elif [[ $failed -gt 0 ]]; then
+    echo "not ok - client suite: $passed passed, $failed failed:"
+    grep -E '^(FAILED|ERROR) ' "$log" | cut -c 1-300 | sed 's/^/#   /' || true
+  else
+    fail "client suite" "pytest exit code $rc with no failed test counted; its log ends with:"$'\n'"$(tail -n 15 "$log")"
+  fi
+}
+
 # ---- 3. operate it and try it ----------------------------------------------
 #
 # A second release server, with API_KEY set as in production: the browser
@@ -851,6 +892,7 @@ main() {
   mkdir -p "$LOG_DIR"
   step_cargo_test
   step_release_smoke
+  step_clients
   step_operate
   step_compose_config
   step_docker

@@ -383,17 +383,19 @@ fn max_connections_auto_follows_the_open_files_limit() {
     eprintln!("{refusals:?}");
 }
 
-/// Regression test (issue 4) for a bug found here: REST connections cost 4 descriptors but
-/// MAX_CONNECTIONS=auto counts 1, so a REST flood exhausted the descriptors: the excess was
-/// reset without an answer (not 503), each failure was logged (not once a second), and
-/// tiny_http's accept thread stopped on EMFILE, so REST never worked again. (Since the
-/// hand-off pools its connections to tiny_http, a REST connection costs one descriptor; the
-/// flood goes past the auto limit, 384 at 512 open files.)
+/// A flood of REST connections past the descriptor limit: the excess is answered with 503 (not
+/// reset), refusals are logged once a second, not once each, and REST works again afterwards
+/// (tiny_http's accept thread once stopped for good on EMFILE). Each connection is held in the
+/// middle of its second request (head sent, body awaited), where it cannot be evicted to make
+/// room, so the flood goes past the auto limit, 384 at 512 open files.
 #[test]
 fn a_rest_flood_beyond_the_descriptor_limit_is_refused_and_the_server_recovers() {
     const NOFILE: usize = 512;
     const CONNECTIONS: usize = 450;
-    let server = server_with_nofile(NOFILE, &[("LOG_LEVEL", "INFO")]);
+    let server = server_with_nofile(
+        NOFILE,
+        &[("LOG_LEVEL", "INFO"), ("HANDSHAKE_TIMEOUT_SEC", "600")],
+    );
     let addr = server.addr;
     let started = Instant::now();
     // Keep-alive REST connections, each served once and then held open.
@@ -413,6 +415,9 @@ fn a_rest_flood_beyond_the_descriptor_limit_is_refused_and_the_server_recovers()
         let head = String::from_utf8_lossy(&answer[..n_read]);
         if head.starts_with("HTTP/1.1 200") {
             served += 1;
+            stream
+                .write_all(b"POST /topics HTTP/1.1\r\nHost: x\r\nContent-Length: 64\r\n\r\n")
+                .unwrap();
         } else if head.starts_with("HTTP/1.1 503") {
             busy += 1;
         } else {

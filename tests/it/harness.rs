@@ -18,7 +18,7 @@ const POLL_INTERVAL: Duration = Duration::from_millis(10);
 
 /// Every variable the server reads (SPEC section 1 and the issues since). They are removed from
 /// the inherited environment so that a developer's shell cannot change what a test sees.
-pub const CONFIG_VARIABLES: [&str; 14] = [
+pub const CONFIG_VARIABLES: [&str; 16] = [
     "HOST",
     "PORT",
     "RING_SIZE",
@@ -29,6 +29,8 @@ pub const CONFIG_VARIABLES: [&str; 14] = [
     "SHUTDOWN_GRACE_SEC",
     "WRITE_TIMEOUT_SEC",
     "MAX_MESSAGE_BYTES",
+    "MAX_RETAINED_BYTES",
+    "MAX_TOPICS",
     "MAX_CONNECTIONS",
     "CORS_ORIGINS",
     "CONSOLE",
