@@ -14,10 +14,20 @@
 //! - a rejection always has a non-empty message;
 //! - an accepted request was a JSON object (by a JSON validator written here, independently of
 //!   serde_json), its topic follows the naming rule (1 to 128 of A-Z a-z 0-9 _ - . :), its
-//!   client_id is not empty, a publish's message id is a UUID;
+//!   client_id is not empty, a publish's message id is a UUID, kept in canonical form;
 //! - a publish's payload is the client's bytes verbatim, and an event carrying it, serialized as
 //!   the server does, is valid JSON;
-//! - where serde_json can read the input as a tree, the accepted fields are the ones it holds.
+//! - where serde_json can read the input as a tree, the accepted fields are the ones it holds;
+//! - the readability rule for payloads, decided by checks written here without serde_json: when
+//!   an input is a publish well formed in every part but its payload (a JSON object, type
+//!   "publish", a valid topic, a string request_id if any, a message object with a UUID id, no
+//!   known field twice, no key with a lone surrogate), it is accepted, with the payload's bytes
+//!   verbatim, exactly when the payload is readable: no lone surrogate escape (in a key or a
+//!   value), nesting within 124 levels of arrays and objects, every number within f64's range
+//!   (by `f64::from_str`; a number within a hair of f64::MAX may go either way, since
+//!   serde_json's own float parsing is not exact there). A third request per input is such a
+//!   publish around a generated payload (keys with escapes, surrogate pairs, raw non-ASCII, lone
+//!   surrogates, nesting around 124, numbers past f64), and a fourth around the input's text.
 //!
 //! The fields of `ClientRequest` and `Rejection` are private to main.rs, so the checks read them
 //! from their `Debug` output (a small parser below; a Rust string literal in `Debug` form is
@@ -40,33 +50,51 @@ const SERVER_STACK: usize = 256 * 1024;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(text) = std::str::from_utf8(data) {
-        check(text);
+        check(text, None);
+        // The input itself as a payload.
+        let payload = text.trim_matches(|c| matches!(c, ' ' | '\t' | '\n' | '\r'));
+        check(&publish_around(payload), Some(payload));
     }
     let mut u = Unstructured::new(data);
     if let Ok(text) = gen_request(&mut u) {
-        check(&text);
+        check(&text, None);
+    }
+    let mut u = Unstructured::new(data);
+    let mut payload = String::new();
+    if gen_value(&mut u, 0, &mut payload).is_ok() {
+        check(&publish_around(&payload), Some(&payload));
     }
 });
 
+/// A publish, well formed but for its payload, which it holds verbatim.
+fn publish_around(payload: &str) -> String {
+    format!(
+        r#"{{"type":"publish","topic":"fuzz.t","message":{{"id":"9b2f8a4e-1c3d-4e5f-8a6b-7c8d9e0f1a2b","payload":{payload}}}}}"#
+    )
+}
+
 /// Runs the checks, on a thread with the server's stack size when the input nests deeply.
-fn check(text: &str) {
+/// `wrapped` is the payload when `text` is [`publish_around`] it.
+fn check(text: &str, wrapped: Option<&str>) {
     let openers = text.bytes().filter(|&b| b == b'[' || b == b'{').count();
     if openers <= 128 {
-        check_on_this_thread(text);
+        check_on_this_thread(text, wrapped);
         return;
     }
     let owned = text.to_owned();
+    let wrapped = wrapped.map(str::to_owned);
     let worker = std::thread::Builder::new()
         .stack_size(SERVER_STACK)
-        .spawn(move || check_on_this_thread(&owned))
+        .spawn(move || check_on_this_thread(&owned, wrapped.as_deref()))
         .expect("spawn checker thread");
     if let Err(panic) = worker.join() {
         std::panic::resume_unwind(panic);
     }
 }
 
-fn check_on_this_thread(text: &str) {
-    match ClientRequest::parse(text) {
+fn check_on_this_thread(text: &str, wrapped: Option<&str>) {
+    // The payload accepted, or why the request was refused.
+    let outcome: Result<Option<String>, String> = match ClientRequest::parse(text) {
         Err(rejection) => {
             let debug = format!("{rejection:?}");
             // `Rejection { request_id: …, message: "…" }`: the message is the last field.
@@ -78,13 +106,54 @@ fn check_on_this_thread(text: &str) {
                 !debug.ends_with("message: \"\" }"),
                 "empty rejection message for {text:?}: {debug}"
             );
+            Err(debug)
         }
         Ok(request) => {
             let debug = format!("{request:?}");
             let accepted = parse_debug(&debug)
                 .unwrap_or_else(|| panic!("unexpected Debug form of ClientRequest: {debug}"));
             check_accepted(text, &accepted);
+            Ok(match accepted.op {
+                Op::Publish { payload, .. } => Some(payload),
+                _ => None,
+            })
         }
+    };
+    let payload = publish_payload(text);
+    if let Some(wrapped) = wrapped {
+        // The checks' own reading of a publish agrees with how it was written.
+        if valid_json(wrapped) {
+            assert_eq!(
+                payload,
+                Some(wrapped),
+                "publish_payload misread a publish around a JSON payload"
+            );
+        }
+    }
+    if let Some(payload) = payload {
+        check_readability_rule(text, payload, &outcome);
+    }
+}
+
+/// The rule for a publish well formed but for its payload: accepted, with the payload verbatim,
+/// exactly when the payload is readable.
+fn check_readability_rule(text: &str, payload: &str, outcome: &Result<Option<String>, String>) {
+    let verdict = payload_verdict(payload);
+    match (verdict, outcome) {
+        (Verdict::Readable | Verdict::Either, Ok(accepted)) => assert_eq!(
+            accepted.as_deref(),
+            Some(payload),
+            "accepted payload is not the payload's bytes verbatim, in {text:?}"
+        ),
+        (Verdict::Readable, Err(rejection)) => panic!(
+            "refused a publish whose payload every client can read ({rejection}): \
+             payload {payload:?} in {text:?}"
+        ),
+        (Verdict::Unreadable(why), Ok(_)) => panic!(
+            "accepted a publish whose payload is not readable ({why}): payload {payload:?} in \
+             {text:?}"
+        ),
+        (Verdict::Unreadable(_) | Verdict::Either, Err(_)) => {}
     }
 }
 
@@ -288,11 +357,12 @@ fn check_against_tree(tree: &Value, accepted: &Accepted, text: &str) {
         }
         Op::Publish { topic, id, payload } => {
             let message = &object["message"];
-            assert_eq!(
-                message["id"].as_str(),
-                Some(id.as_str()),
-                "message.id in {text:?}"
-            );
+            // Ids are accepted in any UUID spelling and kept in the canonical one.
+            let canonical = message["id"]
+                .as_str()
+                .and_then(|sent| uuid::Uuid::try_parse(sent).ok())
+                .map(|uuid| uuid.hyphenated().to_string());
+            assert_eq!(canonical.as_ref(), Some(id), "message.id in {text:?}");
             if let Ok(direct) = serde_json::from_str::<Value>(payload) {
                 assert_eq!(message["payload"], direct, "payload in {text:?}");
             }
@@ -597,6 +667,275 @@ fn json_number(b: &[u8], i: &mut usize) -> bool {
 }
 
 // ---------------------------------------------------------------------------------------------
+// The readability rule, decided without serde_json: which inputs are publishes well formed but
+// for their payload, and whether a payload is readable. Iterative, like the validator, and each
+// function expects text that `valid_json` passed.
+
+/// `MAX_PAYLOAD_DEPTH` in main.rs: the deepest envelope, a history answer, nests a payload in
+/// three levels, and serde_json reads 127 nested levels, so a payload may nest 124 (arrays and
+/// objects counted).
+const MAX_PAYLOAD_DEPTH: usize = 124;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Verdict {
+    Readable,
+    Unreadable(&'static str),
+    /// A number within a hair of f64::MAX: `f64::from_str` rounds exactly, serde_json (without
+    /// its float_roundtrip feature) does not, and may call `1.7976931348623158e308` out of range.
+    Either,
+}
+
+/// Whether every client can read the payload back.
+fn payload_verdict(payload: &str) -> Verdict {
+    if !valid_json(payload) {
+        return Verdict::Unreadable("not JSON");
+    }
+    let b = payload.as_bytes();
+    let (mut i, mut depth, mut deepest, mut edge) = (0usize, 0usize, 0usize, false);
+    while i < b.len() {
+        match b[i] {
+            b'[' | b'{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+                i += 1;
+            }
+            b']' | b'}' => {
+                depth -= 1;
+                i += 1;
+            }
+            b'"' => {
+                if json_string_value(b, &mut i).is_none() {
+                    return Verdict::Unreadable("a lone surrogate escape");
+                }
+            }
+            b'-' | b'0'..=b'9' => {
+                let start = i;
+                while matches!(
+                    b.get(i),
+                    Some(b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9')
+                ) {
+                    i += 1;
+                }
+                match number_verdict(&payload[start..i]) {
+                    Verdict::Readable => {}
+                    Verdict::Either => edge = true,
+                    unreadable => return unreadable,
+                }
+            }
+            _ => i += 1,
+        }
+    }
+    if deepest > MAX_PAYLOAD_DEPTH {
+        Verdict::Unreadable("nested deeper than 124 levels")
+    } else if edge {
+        Verdict::Either
+    } else {
+        Verdict::Readable
+    }
+}
+
+/// A JSON number (RFC 8259 syntax) against f64's range, by `f64::from_str`.
+fn number_verdict(number: &str) -> Verdict {
+    let value: f64 = number.parse().expect("Rust reads every JSON number");
+    // The number scaled by 1e-10 (the exponent lowered), to see whether it lies by f64::MAX.
+    let (mantissa, exponent) = match number.find(['e', 'E']) {
+        Some(at) => (&number[..at], &number[at + 1..]),
+        None => (number, "0"),
+    };
+    let exponent = exponent
+        .parse::<i64>()
+        .unwrap_or(if exponent.starts_with('-') {
+            -(1 << 40)
+        } else {
+            1 << 40
+        });
+    let scaled: f64 = format!("{mantissa}e{}", exponent - 10)
+        .parse()
+        .expect("a scaled number parses");
+    let edge = 1.797_693_134_862_3e298..=1.797_693_134_862_4e298;
+    if edge.contains(&scaled.abs()) {
+        Verdict::Either
+    } else if value.is_finite() {
+        Verdict::Readable
+    } else {
+        Verdict::Unreadable("a number beyond f64")
+    }
+}
+
+/// The string at `b[*i]` (its opening quote) unescaped, and `*i` past it; `None` for a `\u`
+/// escape of a lone surrogate: a high one (D800-DBFF) not followed at once by an escaped low one
+/// (DC00-DFFF), or a low one not preceded by a high one.
+fn json_string_value(b: &[u8], i: &mut usize) -> Option<String> {
+    let hex4 = |at: usize| -> Option<u32> {
+        let h = std::str::from_utf8(b.get(at..at + 4)?).ok()?;
+        u32::from_str_radix(h, 16).ok()
+    };
+    let mut out = Vec::new();
+    *i += 1;
+    loop {
+        match b[*i] {
+            b'"' => {
+                *i += 1;
+                return Some(String::from_utf8(out).expect("a JSON string is UTF-8"));
+            }
+            b'\\' => {
+                let short = match b[*i + 1] {
+                    b'"' => Some(b'"'),
+                    b'\\' => Some(b'\\'),
+                    b'/' => Some(b'/'),
+                    b'b' => Some(8),
+                    b'f' => Some(12),
+                    b'n' => Some(b'\n'),
+                    b'r' => Some(b'\r'),
+                    b't' => Some(b'\t'),
+                    _ => None,
+                };
+                if let Some(c) = short {
+                    out.push(c);
+                    *i += 2;
+                    continue;
+                }
+                let unit = hex4(*i + 2)?;
+                *i += 6;
+                let code = match unit {
+                    0xD800..=0xDBFF => {
+                        let low = (b.get(*i..*i + 2) == Some(b"\\u"))
+                            .then(|| hex4(*i + 2))
+                            .flatten()
+                            .filter(|low| (0xDC00..=0xDFFF).contains(low))?;
+                        *i += 6;
+                        0x10000 + ((unit - 0xD800) << 10) + (low - 0xDC00)
+                    }
+                    0xDC00..=0xDFFF => return None,
+                    _ => unit,
+                };
+                let c = char::from_u32(code).expect("a scalar value");
+                out.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes());
+            }
+            c => {
+                out.push(c);
+                *i += 1;
+            }
+        }
+    }
+}
+
+/// Moves `*i` past the value at `b[*i]`.
+fn skip_value(b: &[u8], i: &mut usize) {
+    let mut depth = 0usize;
+    loop {
+        match b[*i] {
+            b'"' => {
+                json_string(b, i);
+            }
+            b'[' | b'{' => {
+                depth += 1;
+                *i += 1;
+            }
+            b']' | b'}' => {
+                depth -= 1;
+                *i += 1;
+            }
+            _ => {
+                while !matches!(
+                    b.get(*i),
+                    None | Some(b',' | b']' | b'}' | b' ' | b'\t' | b'\n' | b'\r')
+                ) {
+                    *i += 1;
+                }
+            }
+        }
+        if depth == 0 {
+            return;
+        }
+        skip_ws(b, i);
+        if b[*i] == b',' || b[*i] == b':' {
+            *i += 1;
+            skip_ws(b, i);
+        }
+    }
+}
+
+/// The members of the object that is `text` (keys unescaped, values as text), or `None` when
+/// it is not an object or a key holds a lone surrogate (serde_json refuses to read such a key
+/// as a field name).
+fn members(text: &str) -> Option<Vec<(String, &str)>> {
+    let b = text.as_bytes();
+    let mut i = 0;
+    skip_ws(b, &mut i);
+    if b.get(i) != Some(&b'{') {
+        return None;
+    }
+    i += 1;
+    let mut out = Vec::new();
+    loop {
+        skip_ws(b, &mut i);
+        if b[i] == b'}' {
+            return Some(out);
+        }
+        if b[i] == b',' {
+            i += 1;
+            skip_ws(b, &mut i);
+        }
+        let key = json_string_value(b, &mut i)?;
+        skip_ws(b, &mut i);
+        i += 1; // the colon
+        skip_ws(b, &mut i);
+        let start = i;
+        skip_value(b, &mut i);
+        out.push((key, &text[start..i]));
+    }
+}
+
+/// The string a JSON value holds, when it is a string without lone surrogates.
+fn string_value(json: &str) -> Option<String> {
+    (json.as_bytes().first() == Some(&b'"'))
+        .then(|| json_string_value(json.as_bytes(), &mut 0))
+        .flatten()
+}
+
+/// A field of an object by its (unescaped) name; `Err` when the name is there twice.
+fn field<'a>(object: &[(String, &'a str)], name: &str) -> Result<Option<&'a str>, ()> {
+    let mut found = object
+        .iter()
+        .filter(|(key, _)| key == name)
+        .map(|(_, v)| *v);
+    match (found.next(), found.next()) {
+        (_, Some(_)) => Err(()),
+        (value, None) => Ok(value),
+    }
+}
+
+/// When `text` is a publish well formed in every part but its payload, the payload's text.
+fn publish_payload(text: &str) -> Option<&str> {
+    if !valid_json(text) {
+        return None;
+    }
+    let request = members(text)?;
+    for known in ["request_id", "client_id", "last_n", "since_seq", "epoch"] {
+        field(&request, known).ok()?;
+    }
+    if string_value(field(&request, "type").ok()??)? != "publish" {
+        return None;
+    }
+    let topic = string_value(field(&request, "topic").ok()??)?;
+    let topic_ok = (1..=128).contains(&topic.len())
+        && topic
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':'));
+    if !topic_ok {
+        return None;
+    }
+    if let Some(request_id) = field(&request, "request_id").ok()? {
+        string_value(request_id)?;
+    }
+    let message = members(field(&request, "message").ok()??)?;
+    let id = string_value(field(&message, "id").ok()??)?;
+    uuid::Uuid::try_parse(&id).ok()?;
+    field(&message, "payload").ok()?
+}
+
+// ---------------------------------------------------------------------------------------------
 // The structured generator: a JSON request written from the fuzzer's bytes.
 
 const FIELDS: &[&str] = &[
@@ -704,7 +1043,7 @@ fn gen_request(u: &mut Unstructured<'_>) -> ArbResult<String> {
             if u.ratio(1, 16)? {
                 continue; // leave a required field out
             }
-            push_key(&mut out, &mut first, field);
+            push_key_spelled(u, &mut out, &mut first, field)?;
             if field == "type" && u.ratio(7, 8)? {
                 push_json_string(&mut out, kind);
             } else if u.ratio(3, 4)? {
@@ -716,7 +1055,7 @@ fn gen_request(u: &mut Unstructured<'_>) -> ArbResult<String> {
     }
     for _ in 0..count {
         let key = gen_key(u)?;
-        push_key(&mut out, &mut first, &key);
+        push_key_spelled(u, &mut out, &mut first, &key)?;
         if u.arbitrary()? {
             gen_good_value(u, &key, &mut out)?;
         } else {
@@ -750,12 +1089,111 @@ fn gen_ws(u: &mut Unstructured<'_>, out: &mut String) -> ArbResult<()> {
     Ok(())
 }
 
+/// Key names that need escapes, or are not ASCII.
+const ODD_KEYS: &[&str] = &[
+    "a\"b",
+    "c\\d",
+    "e\nf",
+    "\u{0}",
+    "\t\r\u{8}\u{c}\u{1f}",
+    "/",
+    "\u{43a}\u{43b}\u{44e}\u{447}",
+    "clé",
+    "\u{1F680}",
+    "\u{1F600}x\u{10FFFF}",
+    "\u{212A}",
+    "\u{FFFF}\u{FEFF}",
+    "\u{7f}",
+    "",
+];
+
 fn gen_key(u: &mut Unstructured<'_>) -> ArbResult<String> {
-    Ok(match u.int_in_range(0..=5)? {
+    Ok(match u.int_in_range(0..=7)? {
         0 => u.arbitrary::<String>()?,
         1 => u.choose(FIELDS)?.to_uppercase(),
+        2 => (*u.choose(ODD_KEYS)?).to_owned(),
+        3 => format!("{}{}", u.choose(ODD_KEYS)?, u.choose(FIELDS)?),
         _ => (*u.choose(FIELDS)?).to_owned(),
     })
+}
+
+fn push_key_spelled(
+    u: &mut Unstructured<'_>,
+    out: &mut String,
+    first: &mut bool,
+    key: &str,
+) -> ArbResult<()> {
+    if !std::mem::take(first) {
+        out.push(',');
+    }
+    spell_json_string(u, key, out)?;
+    out.push(':');
+    Ok(())
+}
+
+/// Writes `s` as a JSON string, or (mostly) as serde_json would, or with each character spelled
+/// one of the ways JSON allows: raw, a short escape, `\uXXXX` in either case, a surrogate pair;
+/// and, rarely, with a lone surrogate escape put in (which makes the string unreadable).
+fn spell_json_string(u: &mut Unstructured<'_>, s: &str, out: &mut String) -> ArbResult<()> {
+    if !u.ratio(1, 3)? {
+        push_json_string(out, s);
+        return Ok(());
+    }
+    let lone_at = if u.ratio(1, 16)? {
+        Some(u.int_in_range(0..=s.chars().count())?)
+    } else {
+        None
+    };
+    let escape = |out: &mut String, unit: u32, upper: bool| {
+        out.push_str(&if upper {
+            format!("\\u{unit:04X}")
+        } else {
+            format!("\\u{unit:04x}")
+        })
+    };
+    let lone = |u: &mut Unstructured<'_>, out: &mut String| -> ArbResult<()> {
+        out.push_str(match u.int_in_range(0..=3)? {
+            0 => "\\ud800",
+            1 => "\\udfff",
+            2 => "\\ud83d\\u0041", // a high surrogate, then no low one
+            _ => "\\ude00\\ud83d", // a low surrogate before a high one
+        });
+        Ok(())
+    };
+    out.push('"');
+    for (n, c) in s.chars().enumerate() {
+        if lone_at == Some(n) {
+            lone(u, out)?;
+        }
+        let short = match c {
+            '"' => Some("\\\""),
+            '\\' => Some("\\\\"),
+            '\n' => Some("\\n"),
+            '\r' => Some("\\r"),
+            '\t' => Some("\\t"),
+            '\u{8}' => Some("\\b"),
+            '\u{c}' => Some("\\f"),
+            '/' => Some("\\/"),
+            _ => None,
+        };
+        let must_escape = c < ' ' || c == '"' || c == '\\';
+        match (u.int_in_range(0..=3)?, short) {
+            (0 | 1, _) if !must_escape => out.push(c),
+            (0..=2, Some(short)) => out.push_str(short),
+            _ => {
+                let upper = u.arbitrary()?;
+                let mut units = [0u16; 2];
+                for &unit in c.encode_utf16(&mut units).iter() {
+                    escape(out, unit.into(), upper);
+                }
+            }
+        }
+    }
+    if lone_at == Some(s.chars().count()) {
+        lone(u, out)?;
+    }
+    out.push('"');
+    Ok(())
 }
 
 /// A value that is right, or nearly right, for the field.
@@ -794,7 +1232,7 @@ fn gen_good_value(u: &mut Unstructured<'_>, field: &str, out: &mut String) -> Ar
             }
             for _ in 0..u.int_in_range(0..=2)? {
                 let key = gen_key(u)?;
-                push_key(out, &mut first, &key);
+                push_key_spelled(u, out, &mut first, &key)?;
                 gen_value(u, 0, out)?;
             }
             out.push('}');
@@ -871,7 +1309,10 @@ fn gen_value(u: &mut Unstructured<'_>, depth: u32, out: &mut String) -> ArbResul
             // serde_json writes non-finite floats as null.
             out.push_str(&serde_json::to_string(&f).expect("a float serializes"));
         }
-        5 => push_json_string(out, &gen_string(u)?),
+        5 => {
+            let s = gen_string(u)?;
+            spell_json_string(u, &s, out)?;
+        }
         6 => {
             // A string written with \u escapes, lone surrogates included.
             out.push('"');
@@ -898,14 +1339,14 @@ fn gen_value(u: &mut Unstructured<'_>, depth: u32, out: &mut String) -> ArbResul
             let mut first = true;
             for _ in 0..u.int_in_range(0..=4)? {
                 let key = gen_key(u)?;
-                push_key(out, &mut first, &key);
+                push_key_spelled(u, out, &mut first, &key)?;
                 gen_value(u, depth + 1, out)?;
             }
             out.push('}');
         }
         _ => {
             // Deep nesting: arrays or objects, past serde_json's recursion limit of 128.
-            let levels = *u.choose(&[64usize, 127, 128, 129, 200, 1000, 5000])?;
+            let levels = *u.choose(&[64usize, 124, 125, 126, 127, 128, 129, 200, 1000, 5000])?;
             let object = u.arbitrary::<bool>()?;
             for _ in 0..levels {
                 out.push_str(if object { "{\"a\":" } else { "[" });
