@@ -80,7 +80,7 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tungstenite::{Bytes, Message, Utf8Bytes, WebSocket};
 
-use broker::{Broker, BrokerError, Ending, Replay, SessionControl};
+use broker::{Broker, BrokerError, Ending, Published, Replay, SessionControl};
 
 /// Longest request line the dispatcher looks at, in bytes. Longer lines are refused with 414
 /// rather than routed blind; 8 KiB matches the common limit of nginx and Node.js.
@@ -516,8 +516,8 @@ impl Config {
                 _ => Err(invalid(
                     (value, var),
                     &format!(
-                        "a number of seconds {} and at most {MAX_SECONDS_SETTING}, such as 30 or 0.5",
-                        if allow_zero { ">= 0" } else { "> 0" }
+                        "a number of seconds from 0{} to {MAX_SECONDS_SETTING}, such as 30 or 0.5",
+                        if allow_zero { "" } else { " (excluded)" }
                     ),
                 )),
             }
@@ -852,7 +852,16 @@ fn parse_object<'a, T: Deserialize<'a>>(text: &'a str) -> Result<T, String> {
             Err(error) => format!("invalid JSON: {error}"),
         });
     }
-    serde_json::from_str(text).map_err(|error| format!("invalid JSON: {error}"))
+    serde_json::from_str(text).map_err(|error| {
+        let message = error.to_string();
+        match message.strip_prefix("duplicate field ") {
+            Some(key) => {
+                let key = key.split(" at line").next().unwrap_or(key);
+                format!("duplicate key {key}: each key may appear once")
+            }
+            None => format!("invalid JSON: {message}"),
+        }
+    })
 }
 
 /// Reads a required string field, naming it in the error.
@@ -882,10 +891,14 @@ fn required_client_id(raw: Option<&RawValue>) -> Result<String, String> {
 }
 
 /// How topic names are spelled; quoted in every error about one.
-const TOPIC_NAME_RULE: &str = "1 to 128 characters from A-Z a-z 0-9 _ - . :";
+const TOPIC_NAME_RULE: &str = "1 to 128 characters from A-Z a-z 0-9 _ - . :, not . or ..";
 
 fn is_valid_topic_name(name: &str) -> bool {
+    // `.` and `..` are path segments that clients resolve away (RFC 3986 5.2.4): no request
+    // could ever reach such a topic.
     (1..=128).contains(&name.len())
+        && name != "."
+        && name != ".."
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':'))
@@ -975,9 +988,14 @@ fn non_negative(raw: &RawValue, name: &str) -> Result<u64, String> {
 /// would hand subscribers an event they cannot read. Walks the value without building it.
 fn check_payload(payload: &RawValue, name: &str) -> Result<(), String> {
     use serde::de::{DeserializeSeed, Error, MapAccess, SeqAccess, Visitor};
-    /// An event nests its payload inside two objects (event, message), and serde_json reads
-    /// at most 127 nested levels, so a payload may nest 125.
-    const MAX_PAYLOAD_DEPTH: usize = 125;
+    /// serde_json, with its default limit, reads at most 127 nested levels (arrays and
+    /// objects): every envelope a payload travels in must stay within it.
+    const MAX_READABLE_NESTING: usize = 127;
+    /// Levels the deepest envelope adds around a payload: a history answer nests it in the
+    /// answer object, its `messages` array and the message object (a live or replayed event
+    /// only in the event object and its `message`).
+    const DEEPEST_ENVELOPE: usize = 3;
+    const MAX_PAYLOAD_DEPTH: usize = MAX_READABLE_NESTING - DEEPEST_ENVELOPE;
     /// Any JSON value at this depth, read in full and kept nowhere. `deserialize_any` parses
     /// every string and number, where serde's `IgnoredAny` would skip them unchecked.
     struct Readable(usize);
@@ -1041,13 +1059,15 @@ fn check_payload(payload: &RawValue, name: &str) -> Result<(), String> {
         .map_err(|error| format!("field `{name}` is not JSON every client can read: {error}"))
 }
 
-/// Reads a message id: a UUID string, kept as the client spelled it.
+/// Reads a message id: a UUID in any of its spellings (hyphenated, 32 hex digits, braced,
+/// `urn:uuid:`, any case), returned in the canonical form, lower case with hyphens, which is
+/// how ids are compared for de-duplication and echoed.
 fn required_message_id(raw: Option<&RawValue>, name: &str) -> Result<String, String> {
     let id = required_string(raw, name)?;
-    if uuid::Uuid::try_parse(&id).is_err() {
-        return Err(format!("field `{name}` must be a UUID, got {id:?}"));
+    match uuid::Uuid::try_parse(&id) {
+        Ok(uuid) => Ok(uuid.hyphenated().to_string()),
+        Err(_) => Err(format!("field `{name}` must be a UUID, got {id:?}")),
     }
-    Ok(id)
 }
 
 /// Everything the server sends on a WebSocket, one JSON object per text frame.
@@ -1064,12 +1084,15 @@ enum ServerMessage<'a> {
         ts: &'a str,
         #[serde(skip_serializing_if = "Option::is_none")]
         seq: Option<u64>,
+        /// On a publish whose message id the topic had already published (and still holds):
+        /// `seq` is the original's, and nothing was published again.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        duplicate: bool,
     },
-    /// Serialized without `seq`; the broker appends it (see [`Unfinished`]).
+    /// Serialized without `ts` and `seq`; the broker appends them (see [`Unfinished`]).
     Event {
         topic: &'a str,
         message: EventMessage<'a>,
-        ts: &'a str,
     },
     Pong {
         #[serde(skip_serializing_if = "Option::is_none")]
@@ -1139,10 +1162,12 @@ impl Unfinished {
         Unfinished(text)
     }
 
-    /// Finishes an event: `…,"seq":42}`.
-    fn with_seq(&self, seq: u64) -> Utf8Bytes {
+    /// Finishes an event: `…,"ts":"…","seq":42}`. The time is taken where the number is, so
+    /// that `ts` never goes backwards while `seq` goes forwards.
+    fn with_time_and_seq(&self, time: SystemTime, seq: u64) -> Utf8Bytes {
         self.finish(|text| {
-            let _ = write!(text, ",\"seq\":{seq}");
+            let ts = humantime::format_rfc3339_millis(time);
+            let _ = write!(text, ",\"ts\":\"{ts}\",\"seq\":{seq}");
         })
     }
 
@@ -1211,6 +1236,10 @@ enum Reply {
     Batch(Box<[Utf8Bytes]>),
     /// RFC 6455 5.5.3: a Pong echoing the application data of the Ping the reader received.
     Pong(Bytes),
+    /// The place of a reply that is not built yet (a subscribe ack with its replay): the
+    /// writer waits for it here, so the items queued behind it stay behind it. Empty if the
+    /// request produced no reply.
+    Slot(Receiver<Outgoing>),
     /// Send a Close frame with this code and reason, then write nothing more.
     Close(CloseCode, &'static str),
 }
@@ -1222,6 +1251,7 @@ mod broker {
     use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
     use std::sync::mpsc::{SyncSender, TrySendError};
     use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+    use std::time::{SystemTime, UNIX_EPOCH};
 
     use tungstenite::Utf8Bytes;
 
@@ -1366,13 +1396,29 @@ mod broker {
         pub frame: Utf8Bytes,
         /// Its place among all publishes to all topics (see [`Retention`]).
         order: u64,
+        /// Its message id, as a number (0 for none).
+        id: u128,
     }
+
+    /// What a publish did: the message's `seq`, and whether it was a duplicate of one the
+    /// topic still holds (then nothing was published, and `seq` is the original's).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct Published {
+        pub seq: u64,
+        pub duplicate: bool,
+    }
+
+    /// What a de-duplication record costs against `MAX_RETAINED_BYTES`: the id in the ring
+    /// entry and its entry in the topic's id map, with the map's slack.
+    pub const ID_RECORD_BYTES: usize = 48;
 
     /// What `GET /topics/{name}/messages` shows: the topic's position and ring entries.
     #[derive(Debug)]
     pub struct History {
         pub epoch: String,
         pub last_seq: u64,
+        /// The oldest `seq` the ring holds; `last_seq + 1` when it is empty.
+        pub first_seq: u64,
         pub entries: Vec<RingEntry>,
     }
 
@@ -1389,6 +1435,8 @@ mod broker {
         topics: BTreeMap<Arc<str>, Topic>,
         sessions: HashMap<SessionId, Session>,
         retention: Retention,
+        /// The `ts` of the last event published, to any topic.
+        last_event_time: Option<SystemTime>,
         closed: bool,
         /// Messages published, deleted topics included; also the `order` of the last event.
         published: u64,
@@ -1421,6 +1469,10 @@ mod broker {
         /// The last `ring_size` events, oldest first; their `seq`s are consecutive and end at
         /// `last_seq`.
         ring: VecDeque<RingEntry>,
+        /// The message ids of the ring's events, with their `seq`: a publish of an id held
+        /// here is a retry, answered with the original `seq` (the de-duplication window is
+        /// the ring).
+        ids: HashMap<u128, u64>,
         subscribers: Vec<Subscriber>,
         /// Events queued for subscribers, ever.
         delivered: u64,
@@ -1429,6 +1481,9 @@ mod broker {
     struct Subscriber {
         session: SessionId,
         tx: SyncSender<Outgoing>,
+        /// The topic's last `seq` when the subscription began: later events are delivered
+        /// live, earlier ones only by replay.
+        joined: u64,
     }
 
     struct Session {
@@ -1466,6 +1521,7 @@ mod broker {
                 epoch,
                 last_seq: 0,
                 ring: VecDeque::new(),
+                ids: HashMap::new(),
                 subscribers: Vec::new(),
                 delivered: 0,
             };
@@ -1549,6 +1605,7 @@ mod broker {
             Ok(History {
                 epoch: topic.epoch.clone(),
                 last_seq: topic.last_seq,
+                first_seq: topic.ring.front().map_or(topic.last_seq + 1, |e| e.seq),
                 entries,
             })
         }
@@ -1582,17 +1639,18 @@ mod broker {
         }
 
         /// Subscribes a session and queues its ack, finished with the topic's position,
-        /// followed by the replayed events as one item, all under the lock, so replay and live
-        /// delivery neither overlap nor leave a gap. Subscribing again changes nothing and
-        /// queues the ack alone. If even that one item does not fit, the session is cut as a
-        /// slow consumer.
+        /// followed by the replayed events, as one item built under the lock: the caller puts it
+        /// in the place it reserved in the session's queue before the call, ahead of every live
+        /// event of the new subscription, so replay and live delivery neither overlap nor leave
+        /// a gap. Subscribing again adds no subscription: its ack replays, on a resume, the
+        /// events after the client's position that came before live delivery began.
         pub fn subscribe(
             &self,
             id: SessionId,
             name: &str,
             ack: &Unfinished,
             replay: &Replay,
-        ) -> Result<(), BrokerError> {
+        ) -> Result<Outgoing, BrokerError> {
             let mut guard = self.lock();
             let state = &mut *guard;
             if state.closed {
@@ -1605,32 +1663,29 @@ mod broker {
             let Some(session) = state.sessions.get_mut(&id) else {
                 return Err(BrokerError::SessionEnded);
             };
-            let (replayed, recovered) = if session.topics.contains(&topic.name) {
-                (0, matches!(replay, Replay::Since { .. }).then_some(false))
-            } else {
-                topic.subscribers.push(Subscriber {
-                    session: id,
-                    tx: session.tx.clone(),
-                });
-                session.topics.push(Arc::clone(&topic.name));
-                topic.replay_length(replay)
+            let joined = topic.subscribers.iter().find(|s| s.session == id);
+            let (replayed, recovered) = match joined.map(|s| s.joined) {
+                Some(joined) => match replay {
+                    Replay::LastN(_) => (Vec::new(), None),
+                    Replay::Since { .. } => topic.replay(replay, joined),
+                },
+                None => {
+                    topic.subscribers.push(Subscriber {
+                        session: id,
+                        tx: session.tx.clone(),
+                        joined: topic.last_seq,
+                    });
+                    session.topics.push(Arc::clone(&topic.name));
+                    topic.replay(replay, topic.last_seq)
+                }
             };
             let ack = ack.with_position(&topic.epoch, topic.last_seq, recovered);
-            let item = if replayed == 0 {
+            Ok(if replayed.is_empty() {
                 Outgoing::text(ack)
             } else {
-                let replay = topic
-                    .ring
-                    .iter()
-                    .skip(topic.ring.len() - replayed)
-                    .map(|e| e.frame.clone());
-                let frames = std::iter::once(ack).chain(replay).collect();
+                let frames = std::iter::once(ack).chain(replayed).collect();
                 Outgoing::Reply(Box::new(Reply::Batch(frames)))
-            };
-            if session.tx.try_send(item).is_err() {
-                state.cut(id, Ending::SlowConsumer, None);
-            }
-            Ok(())
+            })
         }
 
         /// Unsubscribes a session; not being subscribed is fine.
@@ -1656,9 +1711,10 @@ mod broker {
         pub fn publish(
             &self,
             name: &str,
+            id: u128,
             event: &Unfinished,
             accepted_us: u32,
-        ) -> Result<u64, BrokerError> {
+        ) -> Result<Published, BrokerError> {
             let mut state = self.lock();
             if state.closed {
                 return Err(BrokerError::Closed);
@@ -1668,14 +1724,24 @@ mod broker {
                 .topics
                 .get_mut(name)
                 .ok_or(BrokerError::TopicNotFound)?;
+            if let Some(&seq) = topic.ids.get(&id) {
+                return Ok(Published {
+                    seq,
+                    duplicate: true,
+                });
+            }
             topic.last_seq += 1;
             let seq = topic.last_seq;
-            let frame = event.with_seq(seq);
+            // A clock stepped back must not make `ts` go backwards along the seqs.
+            let time = SystemTime::now().max(state.last_event_time.unwrap_or(UNIX_EPOCH));
+            state.last_event_time = Some(time);
+            let frame = event.with_time_and_seq(time, seq);
             state.published += 1;
             let entry = RingEntry {
                 seq,
                 frame: frame.clone(),
                 order: state.published,
+                id,
             };
             topic.retain(entry, self.limits.ring_size, &mut state.retention);
             let live = Arc::new(LiveEvent { frame, accepted_us });
@@ -1699,7 +1765,10 @@ mod broker {
                 state.cut(session, why, Some((Arc::clone(&name), seq - 1)));
             }
             state.enforce_retention(self.limits.retained_bytes);
-            Ok(seq)
+            Ok(Published {
+                seq,
+                duplicate: false,
+            })
         }
 
         /// Test hook (debug builds only): panics while holding the lock, to show that a panic
@@ -1734,7 +1803,10 @@ mod broker {
             if self.ring.is_empty() {
                 retention.fronts.insert(entry.order, Arc::clone(&self.name));
             }
-            retention.bytes += entry.frame.len();
+            retention.bytes += entry.frame.len() + ID_RECORD_BYTES;
+            if entry.id != 0 {
+                self.ids.insert(entry.id, entry.seq);
+            }
             self.ring.push_back(entry);
         }
 
@@ -1743,8 +1815,11 @@ mod broker {
             let Some(oldest) = self.ring.pop_front() else {
                 return false;
             };
-            retention.bytes = retention.bytes.saturating_sub(oldest.frame.len());
+            retention.bytes = retention
+                .bytes
+                .saturating_sub(oldest.frame.len() + ID_RECORD_BYTES);
             retention.fronts.remove(&oldest.order);
+            self.ids.remove(&oldest.id);
             if let Some(next) = self.ring.front() {
                 retention.fronts.insert(next.order, Arc::clone(&self.name));
             }
@@ -1760,23 +1835,41 @@ mod broker {
             }
         }
 
-        /// How many ring entries a new subscription replays, and for a resume whether it
-        /// recovered everything after the client's position.
-        fn replay_length(&self, replay: &Replay) -> (usize, Option<bool>) {
-            match replay {
-                Replay::LastN(n) => (
-                    usize::try_from(*n)
+        /// The ring entries a subscription replays, up to `upto` (where its live delivery
+        /// begins), and for a resume whether it recovered everything after the client's
+        /// position.
+        fn replay(&self, replay: &Replay, upto: u64) -> (Vec<Utf8Bytes>, Option<bool>) {
+            let first_held = self.ring.front().map_or(self.last_seq + 1, |e| e.seq);
+            // The ring's seqs are consecutive, so the entries from `from` up to `upto` are one
+            // run of it, found by subtraction.
+            let held = |from: u64| -> Vec<Utf8Bytes> {
+                let index = |seq: u64| {
+                    usize::try_from(seq.saturating_sub(first_held))
                         .unwrap_or(usize::MAX)
-                        .min(self.ring.len()),
-                    None,
-                ),
+                        .min(self.ring.len())
+                };
+                let (start, end) = (index(from), index(upto.saturating_add(1)));
+                self.ring
+                    .range(start.min(end)..end)
+                    .map(|e| e.frame.clone())
+                    .collect()
+            };
+            match replay {
+                Replay::LastN(n) => {
+                    let n = usize::try_from(*n).unwrap_or(usize::MAX);
+                    let mut frames = held(first_held);
+                    frames.drain(..frames.len().saturating_sub(n));
+                    (frames, None)
+                }
                 Replay::Since { seq, epoch } => {
-                    let missed = self.last_seq.checked_sub(*seq);
-                    match missed.and_then(|missed| usize::try_from(missed).ok()) {
-                        Some(missed) if *epoch == self.epoch && missed <= self.ring.len() => {
-                            (missed, Some(true))
-                        }
-                        _ => (0, Some(false)),
+                    if *epoch != self.epoch || *seq > self.last_seq {
+                        (Vec::new(), Some(false))
+                    } else if *seq >= upto {
+                        (Vec::new(), Some(true))
+                    } else if *seq + 1 >= first_held {
+                        (held(*seq + 1), Some(true))
+                    } else {
+                        (Vec::new(), Some(false))
                     }
                 }
             }
@@ -2355,8 +2448,17 @@ fn peek_route(socket: &TcpStream, clock: &mut HeadClock) -> io::Result<Route> {
         let remaining = clock.remaining(peeked)?;
         socket.set_read_timeout(Some(remaining))?;
         peeked = socket.peek(&mut buf)?;
-        if let Some(route) = decide_route(&buf[..peeked], buf.len()) {
-            return Ok(route);
+        match decide_route(&buf[..peeked], buf.len()) {
+            // Only an upgrade request goes to the WebSocket handshake; anything else sent to
+            // `/ws` is answered by REST, like every other route (`OPTIONS`, `401`, `426`).
+            Some(Route::WebSocket) => match requests_upgrade(&buf[..peeked]) {
+                Some(true) => return Ok(Route::WebSocket),
+                Some(false) => return Ok(Route::Rest),
+                None if peeked == buf.len() => return Ok(Route::WebSocket),
+                None => {}
+            },
+            Some(route) => return Ok(route),
+            None => {}
         }
         if peer_has_closed(socket, pause.min(clock.remaining(peeked)?))? {
             return Ok(Route::Incomplete);
@@ -2393,10 +2495,29 @@ pub(crate) fn decide_route(peeked: &[u8], capacity: usize) -> Option<Route> {
     }
 }
 
+/// Whether a complete request head asks for a WebSocket upgrade (RFC 6455 4.2.1: an `Upgrade`
+/// header naming `websocket`); `None` while the head is incomplete. A head that does not parse
+/// counts as an upgrade, so that the handshake answers it with its own error.
+fn requests_upgrade(head: &[u8]) -> Option<bool> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut request = httparse::Request::new(&mut headers);
+    match request.parse(head) {
+        Ok(httparse::Status::Partial) => None,
+        Ok(httparse::Status::Complete(_)) => Some(request.headers.iter().any(|header| {
+            header.name.eq_ignore_ascii_case("upgrade")
+                && String::from_utf8_lossy(header.value)
+                    .to_ascii_lowercase()
+                    .contains("websocket")
+        })),
+        Err(_) => Some(true),
+    }
+}
+
 /// `GET /ws?api_key=k HTTP/1.1` → WebSocket; any other line → REST, which answers even
 /// nonsense with a proper HTTP error.
 fn route_for_request_line(line: &[u8]) -> Route {
     let target = line.split(|&b| b == b' ').nth(1).unwrap_or_default();
+    let target = std::str::from_utf8(target).map_or(target, |t| origin_form(t).as_bytes());
     let path = target.split(|&b| b == b'?').next().unwrap_or_default();
     if path == b"/ws" {
         Route::WebSocket
@@ -2478,7 +2599,25 @@ impl Write for ReaderSocket {
 }
 
 /// The writing side of a WebSocket's socket, owned by the writer thread. It never reads.
-struct WriterSocket(Arc<TcpStream>);
+struct WriterSocket {
+    socket: Arc<TcpStream>,
+    /// `WRITE_TIMEOUT_SEC`: how long one buffer may take to be taken whole by the kernel.
+    timeout: Duration,
+    /// Since when the buffer being written has been only partly taken. A peer that reads a
+    /// little now and then makes every single write return within the timeout; the limit
+    /// holds for the whole of a blocked write only because its start is remembered here.
+    stalled_since: Option<Instant>,
+}
+
+impl WriterSocket {
+    fn new(socket: &Arc<TcpStream>, timeout: Duration) -> WriterSocket {
+        WriterSocket {
+            socket: Arc::clone(socket),
+            timeout,
+            stalled_since: None,
+        }
+    }
+}
 
 impl Read for WriterSocket {
     fn read(&mut self, _buf: &mut [u8]) -> io::Result<usize> {
@@ -2491,11 +2630,39 @@ impl Read for WriterSocket {
 
 impl Write for WriterSocket {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        (&*self.0).write(buf)
+        if let Some(since) = self.stalled_since {
+            let left = (since + self.timeout).saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "write timed out: blocked for WRITE_TIMEOUT_SEC",
+                ));
+            }
+            self.socket.set_write_timeout(Some(left))?;
+        }
+        let started = Instant::now();
+        let written = match (&*self.socket).write(buf) {
+            // SO_SNDTIMEO expired: the kernel reports it as EAGAIN.
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "write timed out: blocked for WRITE_TIMEOUT_SEC",
+                ))
+            }
+            other => other?,
+        };
+        if written < buf.len() {
+            // The stall began when this call did: it may have blocked for most of the timeout
+            // before the kernel took part of the buffer.
+            self.stalled_since.get_or_insert(started);
+        } else if self.stalled_since.take().is_some() {
+            self.socket.set_write_timeout(Some(self.timeout))?;
+        }
+        Ok(written)
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        (&*self.0).flush()
+        (&*self.socket).flush()
     }
 }
 
@@ -2593,7 +2760,8 @@ fn serve_ws(
 /// RFC 6455 7.4.1: closes an upgraded connection that no thread can serve with 1013, "try
 /// again later". Only for a connection without a writer thread, which alone writes otherwise.
 fn close_try_again(socket: &Arc<TcpStream>, shared: &Shared, error: &io::Error) {
-    let mut ws = WebSocket::from_raw_socket(WriterSocket(Arc::clone(socket)), Role::Server, None);
+    let writer_socket = WriterSocket::new(socket, shared.config.write_timeout);
+    let mut ws = WebSocket::from_raw_socket(writer_socket, Role::Server, None);
     let reason = Utf8Bytes::from_static("server busy: cannot start a thread");
     let _ = ws.close(Some(CloseFrame {
         code: CloseCode::Again,
@@ -2632,7 +2800,7 @@ fn run_session(
         id: session.id,
     };
     let writer_ws = WebSocket::from_raw_socket(
-        WriterSocket(Arc::clone(socket)),
+        WriterSocket::new(socket, config.write_timeout),
         Role::Server,
         Some(config.writer_websocket_config()),
     );
@@ -2921,12 +3089,13 @@ fn handle_request(text: &str, session: &Session<'_>) -> Option<Outgoing> {
     };
     let request_id = request.request_id.as_deref();
     let broker = &session.shared.broker;
-    let ack = |topic, seq| ServerMessage::Ack {
+    let ack = |topic, published: Option<Published>| ServerMessage::Ack {
         request_id,
         status: "ok",
         topic,
         ts: &ts,
-        seq,
+        seq: published.map(|p| p.seq),
+        duplicate: published.is_some_and(|p| p.duplicate),
     };
     let outcome = match &request.op {
         Operation::Ping => {
@@ -2943,20 +3112,30 @@ fn handle_request(text: &str, session: &Session<'_>) -> Option<Outgoing> {
             client_id,
             replay,
         } => {
-            let result = broker.subscribe(
-                session.id,
-                topic,
-                &Unfinished::new(&ack(topic, None)),
-                replay,
-            );
-            if result.is_ok() {
-                log::debug!(
-                    "{}: client {client_id:?} subscribed to {topic:?} ({replay:?})",
-                    session.peer
-                );
+            // The reply's place in the queue is taken before the subscription exists, so its
+            // live events queue behind it; taking it waits while the queue is full, which
+            // paces a client that subscribes faster than it reads, as publishes are paced.
+            let (slot_tx, slot_rx) = mpsc::sync_channel(1);
+            let slot = Outgoing::Reply(Box::new(Reply::Slot(slot_rx)));
+            if session.tx.send(slot).is_err() {
                 return None;
             }
-            result.map(|()| (topic, None))
+            let ack = Unfinished::new(&ack(topic, None));
+            let reply = match broker.subscribe(session.id, topic, &ack, replay) {
+                Ok(item) => {
+                    log::debug!(
+                        "{}: client {client_id:?} subscribed to {topic:?} ({replay:?})",
+                        session.peer
+                    );
+                    Some(item)
+                }
+                Err(error) => broker_error_reply(error, request_id, topic, &ts),
+            };
+            // A one-slot channel that nothing else sends on: this cannot fail.
+            if let Some(reply) = reply {
+                let _ = slot_tx.try_send(reply);
+            }
+            return None;
         }
         Operation::Unsubscribe { topic, client_id } => {
             let result = broker.unsubscribe(session.id, topic);
@@ -2969,44 +3148,53 @@ fn handle_request(text: &str, session: &Session<'_>) -> Option<Outgoing> {
             result.map(|()| (topic, None))
         }
         Operation::Publish { topic, id, payload } => {
-            publish(session.shared, topic, id, payload, &ts).map(|seq| (topic, Some(seq)))
+            publish(session.shared, topic, id, payload).map(|published| (topic, Some(published)))
         }
     };
-    Some(match outcome {
-        Ok((topic, seq)) => Outgoing::text(ack(topic, seq).to_frame()),
+    match outcome {
+        Ok((topic, published)) => Some(Outgoing::text(ack(topic, published).to_frame())),
         Err(error) => {
             let topic = request.op.topic().unwrap_or_default();
-            let (code, message) = match error {
-                BrokerError::TopicNotFound => (
-                    ErrorCode::TopicNotFound,
-                    format!("topic {topic:?} does not exist"),
-                ),
-                // Topics are created over REST only: these cannot come from a WebSocket request.
-                BrokerError::TopicExists | BrokerError::TooManyTopics => (
-                    ErrorCode::Internal,
-                    format!("topic {topic:?} cannot be created here"),
-                ),
-                BrokerError::Closed => (
-                    ErrorCode::Internal,
-                    "the server is shutting down".to_string(),
-                ),
-                // The writer is about to send SLOW_CONSUMER and close: nothing more to say.
-                BrokerError::SessionEnded => return None,
-            };
-            error_reply(request_id, code, &message, &ts)
+            broker_error_reply(error, request_id, topic, &ts)
         }
-    })
+    }
+}
+
+/// The error reply to a request the broker refused; `None` when there is nothing to say.
+fn broker_error_reply(
+    error: BrokerError,
+    request_id: Option<&str>,
+    topic: &str,
+    ts: &str,
+) -> Option<Outgoing> {
+    let (code, message) = match error {
+        BrokerError::TopicNotFound => (
+            ErrorCode::TopicNotFound,
+            format!("topic {topic:?} does not exist"),
+        ),
+        // Topics are created over REST only: these cannot come from a WebSocket request.
+        BrokerError::TopicExists | BrokerError::TooManyTopics => (
+            ErrorCode::Internal,
+            format!("topic {topic:?} cannot be created here"),
+        ),
+        BrokerError::Closed => (
+            ErrorCode::Internal,
+            "the server is shutting down".to_string(),
+        ),
+        // The writer is about to send SLOW_CONSUMER and close: nothing more to say.
+        BrokerError::SessionEnded => return None,
+    };
+    Some(error_reply(request_id, code, &message, ts))
 }
 
 /// Publishes a message, from WebSocket or HTTP alike: serialized once here, numbered by the
-/// broker. Returns the `seq` it got.
+/// broker. `id` is canonical (see [`required_message_id`]).
 fn publish(
     shared: &Shared,
     topic: &str,
     id: &str,
     payload: &RawValue,
-    ts: &str,
-) -> Result<u64, BrokerError> {
+) -> Result<Published, BrokerError> {
     #[cfg(debug_assertions)]
     if shared.test_panic_topic.as_deref() == Some(topic) {
         shared.broker.panic_under_lock();
@@ -3014,11 +3202,11 @@ fn publish(
     let event = ServerMessage::Event {
         topic,
         message: EventMessage { id, payload },
-        ts,
     };
+    let id = uuid::Uuid::try_parse(id).map_or(0, |uuid| uuid.as_u128());
     shared
         .broker
-        .publish(topic, &Unfinished::new(&event), shared.clock_us())
+        .publish(topic, id, &Unfinished::new(&event), shared.clock_us())
 }
 
 impl Operation<'_> {
@@ -3061,10 +3249,15 @@ impl Writer {
     /// Writes until the session closes, then drops the TCP connection, which also wakes the
     /// reader if it is still blocked on the socket.
     fn run(mut self) {
+        let socket = Arc::clone(&self.ws.get_ref().socket);
         if let Err(error) = self.write_until_closed() {
             log::debug!("{}: writer stopped: {error}", self.peer);
+            // Nothing more can reach the peer: it leaves every topic now, not when its reader
+            // notices, and the reader wakes up to end the session.
+            self.shared.broker.close_session(self.peer.id);
+            let _ = socket.shutdown(Shutdown::Both);
+            return;
         }
-        let socket = Arc::clone(&self.ws.get_ref().0);
         // Our Close frame is out (or cannot be sent): no more data from us. The reader sees the
         // client's Close reply or EOF and ends, dropping the last sender.
         let _ = socket.shutdown(Shutdown::Write);
@@ -3227,6 +3420,12 @@ impl Writer {
                     }
                 }
                 Reply::Pong(data) => self.ws.write(Message::Pong(data))?,
+                // The reader fills the slot right after the broker call, or drops it.
+                Reply::Slot(slot) => {
+                    if let Ok(item) = slot.recv() {
+                        return self.write_item(item);
+                    }
+                }
                 Reply::Close(code, reason) => {
                     self.close(code, reason)?;
                     return Ok(true);
@@ -3620,6 +3819,11 @@ fn answer_head(
         .filter(|h| !h.name.eq_ignore_ascii_case("Connection"))
     {
         append_header(&mut head, header.name, header.value);
+    }
+    // RFC 9110 15.5.22: a 426 names the protocol to upgrade to. tiny_http refuses to send an
+    // `Upgrade` header, and the only 426 is `/ws`'s, so it is added here.
+    if response.code == Some(426) {
+        append_header(&mut head, "Upgrade", b"websocket");
     }
     Ok((head, head_len, body_len))
 }
@@ -4015,7 +4219,7 @@ fn forwarded_head(request: &httparse::Request<'_, '_>) -> Vec<u8> {
     let mut rebuilt = format!(
         "{} {} HTTP/1.{}\r\n",
         request.method.unwrap_or_default(),
-        request.path.unwrap_or_default(),
+        origin_form(request.path.unwrap_or_default()),
         request.version.unwrap_or(1)
     )
     .into_bytes();
@@ -4036,6 +4240,21 @@ fn forwarded_head(request: &httparse::Request<'_, '_>) -> Vec<u8> {
     }
     append_header(&mut rebuilt, "Connection", b"keep-alive");
     rebuilt
+}
+
+/// The path and query of a request target. RFC 9112 3.2.2: a server must accept the
+/// absolute form (`http://host/health`), which proxies send; routes match the origin form.
+fn origin_form(target: &str) -> &str {
+    let Some((scheme, rest)) = target.split_once("://") else {
+        return target;
+    };
+    if !(scheme.eq_ignore_ascii_case("http") || scheme.eq_ignore_ascii_case("https")) {
+        return target;
+    }
+    match rest.find(['/', '?']) {
+        Some(start) if rest[start..].starts_with('/') => &rest[start..],
+        _ => "/",
+    }
 }
 
 /// Whether a request line ends in a well-formed version other than 1.0 and 1.1, such as
@@ -4104,6 +4323,8 @@ enum RestError {
     /// `MAX_TOPICS` reached.
     TooManyTopics(String),
     MethodNotAllowed(&'static str),
+    /// RFC 9110 15.5.22: a plain request to `/ws`, which serves WebSocket upgrades only.
+    UpgradeRequired,
     PayloadTooLarge(usize),
     /// Shutdown has begun: no new publishes.
     ShuttingDown,
@@ -4121,6 +4342,7 @@ impl RestError {
             RestError::TopicExists(_) => 409,
             RestError::TooManyTopics(_) => 507,
             RestError::PayloadTooLarge(_) => 413,
+            RestError::UpgradeRequired => 426,
             RestError::Internal(_) => 500,
             RestError::ShuttingDown => 503,
         }
@@ -4128,7 +4350,7 @@ impl RestError {
 
     fn code(&self) -> ErrorCode {
         match self {
-            RestError::BadRequest(_) => ErrorCode::BadRequest,
+            RestError::BadRequest(_) | RestError::UpgradeRequired => ErrorCode::BadRequest,
             RestError::Unauthorized => ErrorCode::Unauthorized,
             RestError::NotFound => ErrorCode::NotFound,
             RestError::TopicNotFound(_) => ErrorCode::TopicNotFound,
@@ -4176,6 +4398,9 @@ impl RestError {
             RestError::MethodNotAllowed(allow) => {
                 format!("method not allowed here; allowed: {allow}")
             }
+            RestError::UpgradeRequired => {
+                "/ws serves WebSocket upgrades only: send Upgrade: websocket".to_string()
+            }
             RestError::PayloadTooLarge(limit) => {
                 format!("body larger than MAX_MESSAGE_BYTES ({limit} bytes)")
             }
@@ -4212,6 +4437,8 @@ impl RestReply {
 #[derive(Debug, PartialEq, Eq)]
 enum RestRoute<'a> {
     Console,
+    /// `/ws` without an upgrade: the dispatcher sends upgrades to the WebSocket handshake.
+    WebSocket,
     Topics,
     Topic(&'a str),
     Messages(&'a str),
@@ -4228,6 +4455,7 @@ impl<'a> RestRoute<'a> {
             "/topics" => Some(RestRoute::Topics),
             "/health" => Some(RestRoute::Health),
             "/stats" => Some(RestRoute::Stats),
+            "/ws" => Some(RestRoute::WebSocket),
             _ => match path.strip_prefix("/topics/")?.split_once('/') {
                 None => Some(RestRoute::Topic(&path["/topics/".len()..])),
                 Some((name, "messages")) => Some(RestRoute::Messages(name)),
@@ -4242,6 +4470,7 @@ impl<'a> RestRoute<'a> {
         match self {
             RestRoute::Topics | RestRoute::Messages(_) => "GET, HEAD, POST",
             RestRoute::Topic(_) => "DELETE",
+            RestRoute::WebSocket => "GET",
             RestRoute::Health | RestRoute::Stats | RestRoute::Metrics | RestRoute::Console => {
                 "GET, HEAD"
             }
@@ -4253,6 +4482,7 @@ impl<'a> RestRoute<'a> {
     fn label(&self) -> &'static str {
         match self {
             RestRoute::Console => "/",
+            RestRoute::WebSocket => "/ws",
             RestRoute::Topics => "/topics",
             RestRoute::Topic(_) => "/topics/{name}",
             RestRoute::Messages(_) => "/topics/{name}/messages",
@@ -4400,6 +4630,7 @@ fn route_rest(request: &mut tiny_http::Request, shared: &Shared) -> Result<RestR
             let body = read_body(request, shared.config.max_message_bytes)?;
             publish_over_http(name, &body, shared)
         }
+        (RestRoute::WebSocket, Method::Get) => Err(RestError::UpgradeRequired),
         (RestRoute::Health, Method::Get) => Ok(health(shared)),
         (RestRoute::Stats, Method::Get) => Ok(stats(shared)),
         (RestRoute::Metrics, Method::Get) => Ok(metrics(shared)),
@@ -4501,11 +4732,13 @@ fn body_text<'a>(body: &'a [u8], expected: &str) -> Result<&'a str, RestError> {
 /// generated when absent.
 fn publish_over_http(name: &str, body: &[u8], shared: &Shared) -> Result<RestReply, RestError> {
     #[derive(Serialize)]
-    struct Published<'a> {
+    struct HttpPublished<'a> {
         status: &'static str,
         topic: &'a str,
         id: &'a str,
         seq: u64,
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        duplicate: bool,
     }
     let text = body_text(body, r#"{"payload": <any JSON>, "id": "<optional UUID>"}"#)?;
     let message: RawMessage<'_> = parse_object(text).map_err(RestError::BadRequest)?;
@@ -4514,20 +4747,22 @@ fn publish_over_http(name: &str, body: &[u8], shared: &Shared) -> Result<RestRep
         .ok_or_else(|| RestError::BadRequest("missing field `payload`".into()))?;
     check_payload(payload, "payload").map_err(RestError::BadRequest)?;
     let id = match message.id {
-        None => uuid::Uuid::new_v4().to_string(),
+        None => uuid::Uuid::new_v4().hyphenated().to_string(),
         Some(id) => required_message_id(Some(id), "id").map_err(RestError::BadRequest)?,
     };
-    let seq = publish(shared, name, &id, payload, &timestamp())
-        .map_err(|error| RestError::from_broker(error, name))?;
-    let published = Published {
+    let published =
+        publish(shared, name, &id, payload).map_err(|error| RestError::from_broker(error, name))?;
+    let answer = HttpPublished {
         status: "published",
         topic: name,
         id: &id,
-        seq,
+        seq: published.seq,
+        duplicate: published.duplicate,
     };
+    // A duplicate created nothing: 200, where a new message is 201.
     Ok(RestReply::json(
-        201,
-        serde_json::to_string(&published).unwrap_or_default(),
+        if published.duplicate { 200 } else { 201 },
+        serde_json::to_string(&answer).unwrap_or_default(),
     ))
 }
 
@@ -4540,6 +4775,12 @@ fn history(name: &str, query: &str, shared: &Shared) -> Result<RestReply, RestEr
         epoch: &'a str,
         /// The topic's last `seq`, so that an empty answer to `since_seq` is unambiguous.
         seq: u64,
+        /// The oldest `seq` the topic still holds (`seq + 1` when it holds none): what came
+        /// before it is gone.
+        first_seq: u64,
+        /// With `since_seq`: whether every message after it is in the answer.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        recovered: Option<bool>,
         messages: Vec<HistoryMessage<'a>>,
     }
     #[derive(Serialize, Deserialize)]
@@ -4565,18 +4806,25 @@ fn history(name: &str, query: &str, shared: &Shared) -> Result<RestReply, RestEr
     let (mut last_n, mut since_seq) = (None, None);
     for pair in query.split('&').filter(|pair| !pair.is_empty()) {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        let number = || {
-            value.parse::<u64>().map_err(|_| {
-                RestError::BadRequest(format!(
-                    "query parameter `{key}` must be a non-negative integer"
-                ))
-            })
+        let slot = match key {
+            "last_n" => &mut last_n,
+            "since_seq" => &mut since_seq,
+            _ => continue,
         };
-        match key {
-            "last_n" => last_n = Some(number()?),
-            "since_seq" => since_seq = Some(number()?),
-            _ => {}
+        if slot.is_some() {
+            return Err(RestError::BadRequest(format!(
+                "query parameter `{key}` given twice"
+            )));
         }
+        // Digits only: `u64::from_str` would take `+5` too.
+        let number = Some(value)
+            .filter(|value| !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|value| value.parse::<u64>().ok());
+        *slot = Some(number.ok_or_else(|| {
+            RestError::BadRequest(format!(
+                "query parameter `{key}` must be a non-negative integer (digits only)"
+            ))
+        })?);
     }
     if last_n.is_some() && since_seq.is_some() {
         return Err(RestError::BadRequest(
@@ -4606,6 +4854,9 @@ fn history(name: &str, query: &str, shared: &Shared) -> Result<RestReply, RestEr
         topic: name,
         epoch: &history.epoch,
         seq: history.last_seq,
+        first_seq: history.first_seq,
+        recovered: since_seq
+            .map(|since| since <= history.last_seq && since + 1 >= history.first_seq),
         messages,
     };
     Ok(RestReply::json(
@@ -5169,7 +5420,7 @@ mod tests {
         );
         check(
             r#"{"type":"subscribe","topic":"bad name","client_id":"c"}"#,
-            "None BAD_REQUEST field `topic` is not a valid topic name: 1 to 128 characters from A-Z a-z 0-9 _ - . :",
+            "None BAD_REQUEST field `topic` is not a valid topic name: 1 to 128 characters from A-Z a-z 0-9 _ - . :, not . or ..",
         );
         check(
             r#"{"type":"publish","topic":"t"}"#,
@@ -5231,6 +5482,10 @@ mod tests {
         assert!(!is_valid_topic_name(""));
         assert!(!is_valid_topic_name("a/b"));
         assert!(!is_valid_topic_name("é"));
+        assert!(!is_valid_topic_name("."));
+        assert!(!is_valid_topic_name(".."));
+        assert!(is_valid_topic_name("..."));
+        assert!(is_valid_topic_name(".a"));
     }
 
     #[test]
@@ -5349,21 +5604,80 @@ mod tests {
         Unfinished(format!(r#"{{"m":"{name}""#))
     }
 
+    /// Publishes a message without an id (never a duplicate); its `seq`.
     fn publish(broker: &Broker, topic: &str, name: &str) -> Result<u64, BrokerError> {
-        broker.publish(topic, &unfinished(name), 0)
+        broker
+            .publish(topic, 0, &unfinished(name), 0)
+            .map(|published| published.seq)
     }
 
-    fn subscribe(broker: &Broker, replay: Replay) -> Result<(), BrokerError> {
-        broker.subscribe(1, "t", &unfinished("ack"), &replay)
+    /// A message id published again while the ring holds it gets the original seq and
+    /// publishes nothing; once it has left the ring it is new again.
+    #[test]
+    fn a_retried_id_is_answered_with_its_original_seq() {
+        let (broker, rx, _) = broker_with_session(2, 10);
+        subscribe(&broker, Replay::LastN(0)).unwrap();
+        let publish_id = |topic, id| broker.publish(topic, id, &unfinished("e"), 0).unwrap();
+        let new = |seq| Published {
+            seq,
+            duplicate: false,
+        };
+        let again = |seq| Published {
+            seq,
+            duplicate: true,
+        };
+        assert_eq!(publish_id("t", 7), new(1));
+        assert_eq!(publish_id("t", 7), again(1));
+        assert_eq!(publish_id("t", 8), new(2));
+        assert_eq!(publish_id("t", 7), again(1));
+        assert_eq!(
+            (next(&rx), next(&rx)),
+            (
+                vec![r#"{"m":"e","seq":1}"#.to_string()],
+                vec![r#"{"m":"e","seq":2}"#.to_string()]
+            )
+        );
+        assert!(rx.try_recv().is_err(), "a duplicate publishes nothing");
+        // Seq 1 leaves the ring of two: id 7 is new again.
+        assert_eq!(publish_id("t", 9), new(3));
+        assert_eq!(publish_id("t", 7), new(4));
+        broker.create_topic("u", "F".to_string()).unwrap();
+        assert_eq!(publish_id("u", 7), new(1), "ids are per topic");
+    }
+
+    /// Subscribes session 1 to `t`; the frames of its ack and replay.
+    fn subscribe(broker: &Broker, replay: Replay) -> Result<Vec<String>, BrokerError> {
+        broker
+            .subscribe(1, "t", &unfinished("ack"), &replay)
+            .map(frames)
     }
 
     /// The next queued item's frames, or what else it is.
     fn next(rx: &Receiver<Outgoing>) -> Vec<String> {
         match rx.try_recv() {
-            Ok(Outgoing::Event(event)) => vec![event.frame.to_string()],
-            Ok(Outgoing::Reply(reply)) => match *reply {
-                Reply::Text(frame) => vec![frame.to_string()],
-                Reply::Batch(frames) => frames.iter().map(|f| f.to_string()).collect(),
+            Ok(item) => frames(item),
+            other => vec![format!("{other:?}")],
+        }
+    }
+
+    /// An item's frames, each without the `ts` the broker stamps on events.
+    fn frames(item: Outgoing) -> Vec<String> {
+        let untimed = |frame: &Utf8Bytes| -> String {
+            let frame = frame.as_str();
+            match frame.find(r#","ts":""#) {
+                Some(start) => {
+                    let value = start + r#","ts":""#.len();
+                    let end = value + frame[value..].find('"').unwrap() + 1;
+                    format!("{}{}", &frame[..start], &frame[end..])
+                }
+                None => frame.to_string(),
+            }
+        };
+        match item {
+            Outgoing::Event(event) => vec![untimed(&event.frame)],
+            Outgoing::Reply(reply) => match *reply {
+                Reply::Text(frame) => vec![untimed(&frame)],
+                Reply::Batch(frames) => frames.iter().map(untimed).collect(),
                 other => vec![format!("{other:?}")],
             },
             other => vec![format!("{other:?}")],
@@ -5375,8 +5689,10 @@ mod tests {
         let (broker, rx, _) = broker_with_session(3, 10);
         assert_eq!(publish(&broker, "t", "e1"), Ok(1));
         assert_eq!(publish(&broker, "t", "e2"), Ok(2));
-        subscribe(&broker, Replay::LastN(0)).unwrap();
-        assert_eq!(next(&rx), [r#"{"m":"ack","epoch":"E","seq":2}"#]);
+        assert_eq!(
+            subscribe(&broker, Replay::LastN(0)).unwrap(),
+            [r#"{"m":"ack","epoch":"E","seq":2}"#]
+        );
         assert_eq!(publish(&broker, "t", "e3"), Ok(3));
         assert_eq!(next(&rx), [r#"{"m":"e3","seq":3}"#]);
         assert_eq!(
@@ -5386,14 +5702,13 @@ mod tests {
     }
 
     #[test]
-    fn subscribe_queues_ack_and_replay_as_one_item() {
+    fn subscribe_builds_ack_and_replay_as_one_item() {
         let (broker, rx, _) = broker_with_session(3, 10);
         for n in 1..=5 {
             publish(&broker, "t", &format!("e{n}")).unwrap();
         }
-        subscribe(&broker, Replay::LastN(10)).unwrap();
         assert_eq!(
-            next(&rx),
+            subscribe(&broker, Replay::LastN(10)).unwrap(),
             [
                 r#"{"m":"ack","epoch":"E","seq":5}"#,
                 r#"{"m":"e3","seq":3}"#,
@@ -5404,10 +5719,33 @@ mod tests {
         publish(&broker, "t", "e6").unwrap();
         assert_eq!(next(&rx), [r#"{"m":"e6","seq":6}"#]);
         // Subscribing again: the ack only, no replay, no second copy of later events.
-        subscribe(&broker, Replay::LastN(10)).unwrap();
+        assert_eq!(
+            subscribe(&broker, Replay::LastN(10)).unwrap(),
+            [r#"{"m":"ack","epoch":"E","seq":6}"#]
+        );
         publish(&broker, "t", "e7").unwrap();
-        assert_eq!(next(&rx), [r#"{"m":"ack","epoch":"E","seq":6}"#]);
         assert_eq!(next(&rx), [r#"{"m":"e7","seq":7}"#]);
+        // Again with a resume point: the events after it that came before live delivery
+        // began (6 and 7 came live), while the ring (5 to 7) holds them.
+        let since = |seq| Replay::Since {
+            seq,
+            epoch: "E".to_string(),
+        };
+        assert_eq!(
+            subscribe(&broker, since(4)).unwrap(),
+            [
+                r#"{"m":"ack","epoch":"E","seq":7,"recovered":true}"#,
+                r#"{"m":"e5","seq":5}"#
+            ]
+        );
+        assert_eq!(
+            subscribe(&broker, since(3)).unwrap(),
+            [r#"{"m":"ack","epoch":"E","seq":7,"recovered":false}"#]
+        );
+        assert_eq!(
+            subscribe(&broker, since(6)).unwrap(),
+            [r#"{"m":"ack","epoch":"E","seq":7,"recovered":true}"#]
+        );
         assert!(rx.try_recv().is_err());
         assert_eq!(broker.topic_stats()[0].messages, 7);
     }
@@ -5432,12 +5770,11 @@ mod tests {
                 epoch: epoch.to_string(),
             };
             let ack = format!(r#"{{"m":"ack","epoch":"E","seq":5,"recovered":{recovered}}}"#);
-            let (broker, rx, _) = broker_with_session(3, 10);
+            let (broker, _, _) = broker_with_session(3, 10);
             for n in 1..=5 {
                 publish(&broker, "t", &format!("e{n}")).unwrap();
             }
-            subscribe(&broker, replay.clone()).unwrap();
-            let frames = next(&rx);
+            let frames = subscribe(&broker, replay.clone()).unwrap();
             assert_eq!(frames[0], ack, "{replay:?}");
             let expected: Vec<String> = (6 - replayed..=5)
                 .map(|n| format!(r#"{{"m":"e{n}","seq":{n}}}"#))
@@ -5448,7 +5785,7 @@ mod tests {
 
     #[test]
     fn a_full_queue_cuts_the_session_from_every_topic() {
-        let (broker, rx, control) = broker_with_session(0, 2);
+        let (broker, rx, control) = broker_with_session(0, 1);
         broker.create_topic("u", "F".to_string()).unwrap();
         subscribe(&broker, Replay::LastN(0)).unwrap();
         broker
@@ -5456,12 +5793,12 @@ mod tests {
             .unwrap();
         assert_eq!(broker.totals(), (2, 2));
         publish(&broker, "t", "e1").unwrap();
+        publish(&broker, "t", "e2").unwrap();
         assert_eq!(control.ending(), Ending::SlowConsumer);
-        assert_eq!(control.cut_position(), Some(("t", 0)));
+        assert_eq!(control.cut_position(), Some(("t", 1)));
         assert_eq!(broker.totals(), (2, 0));
-        publish(&broker, "u", "e2").unwrap();
-        assert_eq!(next(&rx), [r#"{"m":"ack","epoch":"E","seq":0}"#]);
-        assert_eq!(next(&rx), [r#"{"m":"ack","epoch":"F","seq":0}"#]);
+        publish(&broker, "u", "e3").unwrap();
+        assert_eq!(next(&rx), [r#"{"m":"e1","seq":1}"#]);
         assert!(rx.try_recv().is_err(), "nothing is queued after the cut");
     }
 
@@ -5470,7 +5807,6 @@ mod tests {
         let (broker, rx, control) = broker_with_session(10, 10);
         subscribe(&broker, Replay::LastN(0)).unwrap();
         broker.delete_topic("t", "gone".into()).unwrap();
-        next(&rx);
         assert_eq!(next(&rx), ["gone"]);
         assert_eq!(broker.totals(), (0, 0));
         assert_eq!(control.ending(), Ending::Open);
@@ -5542,7 +5878,10 @@ mod tests {
     }
 
     fn publish_frame_len() -> usize {
-        unfinished("e").with_seq(1).len()
+        unfinished("e")
+            .with_time_and_seq(SystemTime::UNIX_EPOCH, 1)
+            .len()
+            + broker::ID_RECORD_BYTES
     }
 
     #[test]
@@ -5591,11 +5930,11 @@ mod tests {
         let event = ServerMessage::Event {
             topic: "orders",
             message,
-            ts: "T",
         };
+        let time = SystemTime::UNIX_EPOCH + Duration::from_millis(1_796_000_000_123);
         assert_eq!(
-            Unfinished::new(&event).with_seq(7).as_str(),
-            r#"{"type":"event","topic":"orders","message":{"id":"id1","payload":{"z":1,"a":2}},"ts":"T","seq":7}"#
+            Unfinished::new(&event).with_time_and_seq(time, 7).as_str(),
+            r#"{"type":"event","topic":"orders","message":{"id":"id1","payload":{"z":1,"a":2}},"ts":"2026-11-30T00:53:20.123Z","seq":7}"#
         );
         let ack = |seq| ServerMessage::Ack {
             request_id: Some("r1"),
@@ -5603,6 +5942,7 @@ mod tests {
             topic: "o",
             ts: "T",
             seq,
+            duplicate: false,
         };
         assert_eq!(
             ack(Some(3)).to_frame().as_str(),

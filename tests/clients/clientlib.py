@@ -313,7 +313,9 @@ class RawWebSocket:
         while len(self.buf) < n:
             self._fill(end)
 
-    def send_frame(self, opcode, payload):
+    @staticmethod
+    def encode_frame(opcode, payload):
+        """One masked client frame (FIN set) as bytes, ready to send."""
         mask = os.urandom(4)
         n = len(payload)
         if n < 126:
@@ -323,7 +325,26 @@ class RawWebSocket:
         else:
             head = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, n)
         masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-        self.sock.sendall(head + mask + masked)
+        return head + mask + masked
+
+    def send_frame(self, opcode, payload):
+        self.sock.sendall(self.encode_frame(opcode, payload))
+
+    def send_texts_at_once(self, texts):
+        """Many text frames concatenated and handed to the kernel in one sendall
+        (one write), so they reach the server as one burst."""
+        self.sock.sendall(b"".join(self.encode_frame(0x1, t.encode()) for t in texts))
+
+    def peek(self, limit=1 << 22):
+        """What the kernel holds for us, without consuming it (no window opens),
+        plus what was already buffered here; never blocks."""
+        try:
+            pending = self.sock.recv(limit, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            pending = b""
+        except OSError:
+            pending = b""
+        return self.buf + pending
 
     def send_text(self, text):
         self.send_frame(0x1, text.encode())
@@ -391,3 +412,98 @@ class RawWebSocket:
             self.sock.close()
         except OSError:
             pass
+
+
+# -- raw HTTP -------------------------------------------------------------------
+
+
+def raw_http(host, port, request, deadline_s=REPLY_DEADLINE):
+    """Sends `request` (bytes, exactly as given) on a fresh socket and reads one
+    answer: (status, {lower-case header: value}, body bytes). Reads the body by
+    Content-Length, or to EOF without one."""
+    end = time.monotonic() + deadline_s
+    with socket.create_connection((host, port), timeout=deadline_s) as sock:
+        sock.sendall(request)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            sock.settimeout(max(end - time.monotonic(), 0.001))
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise AssertionError(f"connection closed before a whole answer head: {data!r}")
+            data += chunk
+        head, body = data.split(b"\r\n\r\n", 1)
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split(" ")[1])
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        length = headers.get("content-length")
+        while True:
+            if length is not None and len(body) >= int(length):
+                return status, headers, body[: int(length)]
+            sock.settimeout(max(end - time.monotonic(), 0.001))
+            try:
+                chunk = sock.recv(65536)
+            except (ConnectionResetError, BrokenPipeError):
+                chunk = b""
+            if not chunk:
+                if length is None:
+                    return status, headers, body
+                raise AssertionError(f"answer body cut short: {head!r} {body!r}")
+            body += chunk
+
+
+# -- the server's side of a TCP connection, from /proc/net/tcp -------------------------
+
+
+def server_send_queue(server_port, client_port):
+    """Bytes the server's socket for this connection holds unacknowledged
+    (tx_queue in /proc/net/tcp: written by the server, not yet taken by the
+    client), or None when no such socket is listed (IPv4 only)."""
+    want_local, want_remote = f"{server_port:04X}", f"{client_port:04X}"
+    with open("/proc/net/tcp") as f:
+        next(f)
+        for line in f:
+            fields = line.split()
+            local, remote, queues = fields[1], fields[2], fields[4]
+            if local.endswith(":" + want_local) and remote.endswith(":" + want_remote):
+                return int(queues.split(":")[0], 16)
+    return None
+
+
+class SendQueueWatch:
+    """Polls server_send_queue every `interval` seconds in a thread and records
+    each change as (monotonic time, bytes). When the client stops reading, the
+    queue grows fast while the buffers fill, then sits still: stall_time() is
+    when it first sat still, i.e. when the server's writes first blocked."""
+
+    def __init__(self, server_port, client_port, interval=0.01):
+        self.ports = (server_port, client_port)
+        self.interval = interval
+        self.changes = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            value = server_send_queue(*self.ports)
+            if value is not None and (not self.changes or self.changes[-1][1] != value):
+                self.changes.append((time.monotonic(), value))
+            self._stop.wait(self.interval)
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join(5)
+        self.stopped_at = time.monotonic()
+
+    def stall_time(self, hold=0.2):
+        """The first moment the queue held a non-zero value unchanged for
+        `hold` seconds, or None."""
+        end = getattr(self, "stopped_at", time.monotonic())
+        for i, (t, value) in enumerate(self.changes):
+            next_t = self.changes[i + 1][0] if i + 1 < len(self.changes) else end
+            if value > 0 and next_t - t >= hold:
+                return t
+        return None

@@ -157,10 +157,10 @@ fn malformed_heads() -> Vec<(&'static str, Vec<u8>)> {
     .into_iter()
     .map(|(name, bytes)| (name, bytes.to_vec()))
     .collect();
-    // An absolute-form request for a route that does not exist.
+    // An absolute-form request target with another scheme.
     heads.push((
-        "an absolute URI",
-        b"GET http://evil.example/topics HTTP/1.1\r\nHost: evil.example\r\n\r\n".to_vec(),
+        "an absolute URI of another scheme",
+        b"GET ftp://evil.example/topics HTTP/1.1\r\nHost: evil.example\r\n\r\n".to_vec(),
     ));
     heads
 }

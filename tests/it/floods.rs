@@ -434,7 +434,7 @@ fn a_rest_flood_beyond_the_descriptor_limit_is_refused_and_the_server_recovers()
     let lines: Vec<String> = server
         .log_lines()
         .into_iter()
-        .filter(|line| line.contains(" WARN "))
+        .filter(|line| line.contains(" WARN  refused"))
         .collect();
     assert!(
         lines.len() as f64 <= elapsed.as_secs_f64() + 1.0,

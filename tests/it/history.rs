@@ -297,8 +297,8 @@ fn history_returns_what_the_ring_holds_oldest_first_as_it_was_sent() {
     let (server, mut subscriber, epoch) = server_with_subscriber(&[("RING_SIZE", "5")]);
     let events = publish_mixed(&server, &mut subscriber, 8);
     let expected_messages: Vec<Value> = events[3..].iter().map(as_history_entry).collect();
-    let expected =
-        json!({"topic": "orders", "epoch": epoch, "seq": 8, "messages": expected_messages});
+    let expected = json!({"topic": "orders", "epoch": epoch, "seq": 8, "first_seq": 4,
+        "messages": expected_messages});
     assert_eq!(history(server.addr, "orders", ""), expected);
 }
 
@@ -331,17 +331,26 @@ fn history_keeps_payloads_byte_for_byte() {
     assert_eq!(messages, json!(expected));
 }
 
-/// Checks each `(query, seqs)`: the history of `orders` (8 events published, `events`) is
-/// exactly those events, oldest first.
-fn assert_history_cases(server: &Server, events: &[Value], epoch: &str, cases: &[(&str, &[u64])]) {
-    for &(query, expected_seqs) in cases {
+/// Checks each `(query, seqs, recovered)`: the history of `orders` (8 events published,
+/// `events`, the ring holding 4 to 8) is exactly those events, oldest first, and with
+/// `since_seq` says whether it holds every event after it.
+fn assert_history_cases(
+    server: &Server,
+    events: &[Value],
+    epoch: &str,
+    cases: &[(&str, &[u64], Option<bool>)],
+) {
+    for &(query, expected_seqs, recovered) in cases {
         let reply = history(server.addr, "orders", query);
         let expected_messages: Vec<Value> = expected_seqs
             .iter()
             .map(|&seq| as_history_entry(&events[seq as usize - 1]))
             .collect();
-        let expected =
-            json!({"topic": "orders", "epoch": epoch, "seq": 8, "messages": expected_messages});
+        let mut expected = json!({"topic": "orders", "epoch": epoch, "seq": 8, "first_seq": 4,
+            "messages": expected_messages});
+        if let Some(recovered) = recovered {
+            expected["recovered"] = json!(recovered);
+        }
         assert_eq!(reply, expected, "{query}");
     }
 }
@@ -350,13 +359,13 @@ fn assert_history_cases(server: &Server, events: &[Value], epoch: &str, cases: &
 fn history_last_n_returns_the_newest_n_oldest_first() {
     let (server, mut subscriber, epoch) = server_with_subscriber(&[("RING_SIZE", "5")]);
     let events = publish_mixed(&server, &mut subscriber, 8);
-    let cases: [(&str, &[u64]); 6] = [
-        ("?last_n=3", &[6, 7, 8]),
-        ("?last_n=1", &[8]),
-        ("?last_n=0", &[]),
-        ("?last_n=5", &[4, 5, 6, 7, 8]),
-        ("?last_n=6", &[4, 5, 6, 7, 8]),
-        ("?last_n=1000", &[4, 5, 6, 7, 8]),
+    let cases: [(&str, &[u64], Option<bool>); 6] = [
+        ("?last_n=3", &[6, 7, 8], None),
+        ("?last_n=1", &[8], None),
+        ("?last_n=0", &[], None),
+        ("?last_n=5", &[4, 5, 6, 7, 8], None),
+        ("?last_n=6", &[4, 5, 6, 7, 8], None),
+        ("?last_n=1000", &[4, 5, 6, 7, 8], None),
     ];
     assert_history_cases(&server, &events, &epoch, &cases);
 }
@@ -365,15 +374,16 @@ fn history_last_n_returns_the_newest_n_oldest_first() {
 fn history_since_seq_returns_the_ring_events_after_it() {
     let (server, mut subscriber, epoch) = server_with_subscriber(&[("RING_SIZE", "5")]);
     let events = publish_mixed(&server, &mut subscriber, 8);
-    let cases: [(&str, &[u64]); 7] = [
-        ("?since_seq=6", &[7, 8]),
-        ("?since_seq=7", &[8]),
-        ("?since_seq=8", &[]),
-        ("?since_seq=100", &[]),
-        ("?since_seq=3", &[4, 5, 6, 7, 8]),
-        // The ring starts at 4: what it holds after 1 (the gap shows in the first seq).
-        ("?since_seq=1", &[4, 5, 6, 7, 8]),
-        ("?since_seq=0", &[4, 5, 6, 7, 8]),
+    let cases: [(&str, &[u64], Option<bool>); 7] = [
+        ("?since_seq=6", &[7, 8], Some(true)),
+        ("?since_seq=7", &[8], Some(true)),
+        ("?since_seq=8", &[], Some(true)),
+        // Ahead of the topic: a position of another life of it, nothing to trust.
+        ("?since_seq=100", &[], Some(false)),
+        ("?since_seq=3", &[4, 5, 6, 7, 8], Some(true)),
+        // The ring starts at 4: what it holds after 1, and `recovered: false` for the gap.
+        ("?since_seq=1", &[4, 5, 6, 7, 8], Some(false)),
+        ("?since_seq=0", &[4, 5, 6, 7, 8], Some(false)),
     ];
     assert_history_cases(&server, &events, &epoch, &cases);
 }
@@ -381,9 +391,11 @@ fn history_since_seq_returns_the_ring_events_after_it() {
 #[test]
 fn history_of_an_empty_or_recreated_topic_is_empty_under_its_epoch() {
     let (server, mut subscriber, epoch) = server_with_subscriber(&[]);
-    let empty = json!({"topic": "orders", "epoch": epoch, "seq": 0, "messages": []});
+    let mut empty =
+        json!({"topic": "orders", "epoch": epoch, "seq": 0, "first_seq": 1, "messages": []});
     assert_eq!(history(server.addr, "orders", ""), empty);
     assert_eq!(history(server.addr, "orders", "?last_n=5"), empty);
+    empty["recovered"] = json!(true);
     assert_eq!(history(server.addr, "orders", "?since_seq=0"), empty);
 
     publish_mixed(&server, &mut subscriber, 2);

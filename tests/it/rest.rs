@@ -258,9 +258,23 @@ fn a_wrong_method_is_405_with_an_allow_header() {
 }
 
 #[test]
-fn ws_without_upgrade_headers_is_400() {
-    let server = Server::start();
-    get(server.addr, "/ws").expect_error(400, "BAD_REQUEST");
+/// RFC 9110 15.5.22: `/ws` serves upgrades only; anything else there is answered like any
+/// route: 426 naming the protocol, 204 with `Allow` to OPTIONS, 401 first without the key.
+fn ws_without_an_upgrade_is_426_and_follows_the_rules_of_every_route() {
+    let server = Server::start_with(&[("API_KEY", "k")]);
+    let keyed = |method, headers: &[(&str, &str)]| {
+        let mut all = vec![("X-API-Key", "k")];
+        all.extend_from_slice(headers);
+        http(server.addr, method, "/ws", &all, "")
+    };
+    let answer = keyed("GET", &[]);
+    answer.expect_error(426, "BAD_REQUEST");
+    assert_eq!(answer.header("upgrade"), Some("websocket"));
+    keyed("GET", &[("Upgrade", "h2c"), ("Connection", "Upgrade")]).expect_error(426, "BAD_REQUEST");
+    get(server.addr, "/ws").expect_error(401, "UNAUTHORIZED");
+    let options = http(server.addr, "OPTIONS", "/ws", &[], "");
+    assert_eq!(options.status, 204);
+    assert_eq!(options.header("allow"), Some("GET, OPTIONS"));
 }
 
 #[test]
@@ -333,4 +347,16 @@ fn head_is_get_without_the_body_on_every_get_route() {
             );
         }
     }
+}
+
+/// RFC 9112 3.2.2: a server accepts the absolute form of a request target, as proxies send it.
+#[test]
+fn an_absolute_form_request_target_is_served() {
+    let server = Server::start();
+    let request = format!(
+        "GET http://{}/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        server.addr
+    );
+    let health = http_raw(server.addr, request.as_bytes()).expect_json(200);
+    assert!(health["uptime_sec"].is_u64(), "{health}");
 }

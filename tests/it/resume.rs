@@ -296,16 +296,24 @@ fn resume_against_a_recreated_topic_is_not_recovered() {
 }
 
 #[test]
-fn resuming_on_a_connection_already_subscribed_replays_nothing() {
+/// A connection already subscribed that resumes again gets the events after its position that
+/// came before its live delivery began, and never a second copy of a live one.
+fn resuming_on_a_connection_already_subscribed_replays_only_what_came_before_it() {
     let server = server_with_orders(&[]);
+    publish_numbered(&server, 1..=2);
     let (mut client, epoch) = subscriber(&server);
-    publish_numbered(&server, 1..=3);
-    assert_eq!(recv_numbered(&mut client, 3), [1, 2, 3]);
+    publish_numbered(&server, 3..=3);
+    assert_eq!(recv_numbered(&mut client, 1), [3]);
 
-    // It already has every event since 1: replaying them would duplicate them.
-    let ack = client.subscribe_since("orders", 1, &epoch);
-    assert_eq!(ack["recovered"], false, "nothing is replayed: {ack}");
-    assert_eq!((epoch_field(&ack), seq_field(&ack)), (epoch, 3));
+    // 1 and 2 came before the subscription: replayed; 3 came live: not again.
+    let ack = client.subscribe_since("orders", 0, &epoch);
+    assert_eq!(ack["recovered"], true, "{ack}");
+    assert_eq!((epoch_field(&ack), seq_field(&ack)), (epoch.clone(), 3));
+    assert_eq!(recv_numbered(&mut client, 2), [1, 2]);
+    client.assert_nothing_pending();
+    // From a position at or after the start of live delivery: nothing to replay.
+    let ack = client.subscribe_since("orders", 2, &epoch);
+    assert_eq!(ack["recovered"], true, "{ack}");
     client.assert_nothing_pending();
     publish_numbered(&server, 4..=4);
     assert_eq!(recv_numbered(&mut client, 1), [4]);
