@@ -73,16 +73,7 @@ def test_ws_publish_delivers_escaped_payload_exactly(bus, case):
     with server.ws() as pub:
         reply, msg_id = publish_ws(pub, "p", text, request_id="m1")
     assert reply["type"] == "ack", f"publish refused: {reply}"
-    seq = reply["seq"]
-    event_text = sub.recv(timeout=10)
-    event = json.loads(event_text)
-    assert event["type"] == "event" and event["seq"] == seq, event_text[:300]
-    assert event["message"]["id"] == msg_id
-    assert event["message"]["payload"] == json.loads(text), "payload changed in delivery"
-    assert raw_payload(event_text) == text, "payload text not forwarded byte for byte"
-    entry, history_text = history_entry(server, seq)
-    assert entry["id"] == msg_id and entry["payload"] == json.loads(text)
-    assert text in history_text, "history does not hold the payload text as sent"
+    assert_delivered_exactly(server, sub, reply["seq"], msg_id, text)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -102,10 +93,16 @@ def test_rest_publish_delivers_escaped_payload_exactly(bus, case):
     assert r.status_code == 201, f"publish refused: {r.status_code} {r.text[:300]}"
     answer = r.json()
     assert answer["status"] == "published" and answer["id"] == msg_id, answer
-    seq = answer["seq"]
+    assert_delivered_exactly(server, sub, answer["seq"], msg_id, text)
+
+
+def assert_delivered_exactly(server, sub, seq, msg_id, text):
+    """The subscriber's next event is message `seq` with the payload text as
+    published, byte for byte, and the history holds it the same way."""
     event_text = sub.recv(timeout=10)
     event = json.loads(event_text)
     assert event["type"] == "event" and event["seq"] == seq, event_text[:300]
+    assert event["message"]["id"] == msg_id
     assert event["message"]["payload"] == json.loads(text), "payload changed in delivery"
     assert raw_payload(event_text) == text, "payload text not forwarded byte for byte"
     entry, history_text = history_entry(server, seq)
