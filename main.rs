@@ -6,8 +6,8 @@
 //! at `/`), all on one TCP port. Every topic numbers its events (`seq`, within an `epoch`) and
 //! keeps a ring of the last `RING_SIZE` for replay and resume; every WebSocket connection has
 //! one bounded outbound queue, and a connection whose queue overflows is cut (`SLOW_CONSUMER`)
-//! instead of slowing anyone else down. `shared/SPEC.md` is the contract; README.md documents
-//! the choices made where it is silent.
+//! instead of slowing anyone else down. README.md is the contract: the protocol, its semantics
+//! and its limits.
 //!
 //! ## Main types, in the order data flows
 //! - [`Config`]: settings from the environment (flags mirror them).
@@ -30,7 +30,7 @@
 //! | `acceptor` | the listening socket; refusals | `accept` | shutdown flag, woken by a self-connect |
 //! | `conn-N` | one new client socket: peek, then the WebSocket handshake, or REST requests relayed to tiny_http one by one | socket read | the handshake is done (or failed); for REST, peer closes, idle timeout, or `TcpStream::shutdown` at shutdown |
 //! | `ws-reader-N` | one WebSocket after its handshake: reads and executes requests | socket read | peer closes, two heartbeats of silence, or `TcpStream::shutdown` from the writer or shutdown |
-//! | `ws-writer-N` | the only writer of one WebSocket | `recv_timeout` on its queue (also the heartbeat tick), socket write | the session closes; a write blocked for `WRITE_TIMEOUT_SEC` |
+//! | `ws-writer-N` | the only writer of one WebSocket | `recv_timeout` on its queue (also the heartbeat tick), a subscribe's reply slot, socket write | the session closes; a write blocked for `WRITE_TIMEOUT_SEC` in all |
 //! | `rest-worker-N` | nothing; serves tiny_http requests | `Server::recv` | `Server::unblock` at shutdown |
 //! | tiny_http's own | its accept loop, and a parser for each of the [`RestBackends`] | unix socket reads | process exit |
 //!
@@ -42,8 +42,14 @@
 //! - No lock is held across I/O or a blocking send.
 //! - A connection is subscribed to a topic if and only if the broker holds its queue for it; a
 //!   connection cut as a slow consumer is removed from every topic under the same lock.
-//! - A subscribe ack and its replay are one queue item, queued under the lock that registers the
-//!   subscription, so no live event can come between them and none can be missed or repeated.
+//! - A subscribe ack and its replay are one item, built under the lock that registers the
+//!   subscription and written in a place of the queue taken before it, so no live event can come
+//!   between them and none can be missed or repeated.
+//! - A session's writer acts on its ending (slow consumer, shutdown) only after it has seen the
+//!   ending and then emptied the queue with the reader idle: every event queued before the
+//!   ending, and the reply of the request that caused it, is written before the last message.
+//! - The rings together hold at most `MAX_RETAINED_BYTES`; the oldest events of all topics go
+//!   first.
 //! - A topic's events are numbered under the broker lock, in the order they are queued, so
 //!   every subscriber sees `seq` increase by one from event to event.
 

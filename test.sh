@@ -399,7 +399,7 @@ smoke() {
   expect_http "${p}GET /stats counts the message and the subscriber" 200 \
     "topics.$topic.messages=1" "topics.$topic.subscribers=1"
 
-  # HTTP publish (issue 5) reaches the WebSocket subscriber like a WebSocket publish.
+  # HTTP publish reaches the WebSocket subscriber like a WebSocket publish.
   http POST "/topics/$topic/messages" '{"payload":{"n":2,"via":"http"}}'
   expect_http "${p}POST /topics/{name}/messages publishes (201)" 201 status=published "topic=$topic" seq=2
   ws_check "${p}HTTP publish -> event to the WebSocket subscriber" "${s}sub" type=event "topic=$topic" \

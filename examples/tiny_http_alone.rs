@@ -1,6 +1,6 @@
 //! tiny_http on its own, answering `GET /health` the way pubsub-backend does: the baseline
-//! for what pubsub-backend's peek dispatcher and request hand-off cost per REST request
-//! (issue 3). Run it, then point the load tool's `rest` scenario at both:
+//! for what pubsub-backend's peek dispatcher and request hand-off cost per REST request.
+//! Run it, then point the load tool's `rest` scenario at both:
 //!
 //! ```sh
 //! cargo run --release --example tiny_http_alone -- 127.0.0.1:0

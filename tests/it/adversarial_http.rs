@@ -1,4 +1,4 @@
-//! Malformed and hostile HTTP (issue 4, "Malformed input"): truncated and garbage request heads,
+//! Malformed and hostile HTTP: truncated and garbage request heads,
 //! bad methods and versions, oversized request lines and headers, request smuggling attempts and
 //! lying `Content-Length`s. Each gets a 4xx or a close, never a 5xx, and the server keeps
 //! serving everyone else.
@@ -324,7 +324,7 @@ fn a_malformed_request_line_gets_400_not_505() {
     }
 }
 
-/// Regression test (issue 4) for a bug found here: each HTTP/2.0 request line holds its
+/// Regression test for a bug found here: each HTTP/2.0 request line holds its
 /// connection slot, threads and descriptors forever, even after the client has gone.
 #[test]
 fn http_2_request_lines_do_not_use_up_the_connection_slots() {
@@ -381,7 +381,7 @@ fn request_line_of_length(length: usize, prefix: &str) -> Vec<u8> {
     request.into_bytes()
 }
 
-/// Regression test (issue 4) for a bug found here: no limit on the request head; 100 KB of
+/// Regression test for a bug found here: no limit on the request head; 100 KB of
 /// headers are read and answered 200 (and an endless header line is buffered whole, see the
 /// next test).
 #[test]
@@ -400,7 +400,7 @@ fn a_head_with_100_kb_of_headers_gets_a_4xx_or_a_close() {
     }
 }
 
-/// Regression test (issue 4) for a bug found here: an endless header line is buffered whole
+/// Regression test for a bug found here: an endless header line is buffered whole
 /// (RSS grows by what the client sends; 256 MB sent made RSS +256 MB).
 #[test]
 fn an_endless_header_line_is_cut_before_it_fills_the_memory() {
@@ -556,7 +556,7 @@ fn smuggling_attempts_leave_the_server_consistent() {
     }
 }
 
-/// Regression test (issue 4) for a bug found here: ambiguous framing is not refused: with two
+/// Regression test for a bug found here: ambiguous framing is not refused: with two
 /// Content-Lengths the first wins, a non-numeric one is ignored (the body is read as the next
 /// request), and the connection stays open after Content-Length + Transfer-Encoding, so the
 /// hidden request is executed.
@@ -595,7 +595,7 @@ fn a_short_body_of_a_small_request_is_not_executed() {
     assert!(!topic_names(server.addr).contains("short-small"));
 }
 
-/// Regression test (issue 4) for a bug found here: a body shorter than a Content-Length over
+/// Regression test for a bug found here: a body shorter than a Content-Length over
 /// 1024 is executed when the client closes (POST /topics with Content-Length: 5000 and 21 bytes
 /// creates the topic).
 #[test]
@@ -609,7 +609,7 @@ fn a_short_body_of_a_large_request_is_not_executed() {
     assert_still_serving(server.addr);
 }
 
-/// Regression test (issue 4) for a bug found here: a huge Content-Length kills the server:
+/// Regression test for a bug found here: a huge Content-Length kills the server:
 /// 10^12 aborts the process (memory allocation failed), 2^64-1 panics the REST worker (capacity
 /// overflow).
 #[test]
@@ -665,7 +665,7 @@ fn a_huge_content_length_gets_413_and_the_server_survives() {
     );
 }
 
-/// Regression test (issue 4) for a bug found here: tiny_http's own 400, 408 and 417 answers
+/// Regression test for a bug found here: tiny_http's own 400, 408 and 417 answers
 /// have an empty body and no Content-Type, not the JSON error every REST failure promises.
 #[test]
 fn answers_to_malformed_heads_are_json_errors() {
@@ -684,7 +684,7 @@ fn answers_to_malformed_heads_are_json_errors() {
     }
 }
 
-/// Regression test (issue 4) for a bug found here: pipelined requests on one connection run
+/// Regression test for a bug found here: pipelined requests on one connection run
 /// concurrently on the REST workers, out of order (a publish pipelined behind the POST that
 /// creates its topic gets 404; seen in 7 of 8 soak sessions): RFC 9112 9.3.2 allows that only
 /// for safe methods.

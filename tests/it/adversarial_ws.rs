@@ -1,4 +1,4 @@
-//! Hostile WebSocket input (issue 4, "Malformed input"): malformed upgrade requests, frames that
+//! Hostile WebSocket input: malformed upgrade requests, frames that
 //! break RFC 6455, deeply nested JSON, huge numbers, and every JSON type in every field of every
 //! request. Each gets the right error or close code, and the server keeps serving everyone else.
 

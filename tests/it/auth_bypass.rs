@@ -1,4 +1,4 @@
-//! No way past `API_KEY` (issue 4, "Auth"): path tricks, case changes, percent-encoding, the key
+//! No way past `API_KEY`: path tricks, case changes, percent-encoding, the key
 //! in the wrong place or slightly wrong, duplicated headers, other methods, and the WebSocket
 //! query parameter. Only `GET /health` (any query), `GET /` and `OPTIONS` are open, `OPTIONS`
 //! shows no data, and the key never reaches the logs, even at `TRACE`.

@@ -1,4 +1,4 @@
-//! Browsers and probes (issue 6): `CORS_ORIGINS` on REST and on the WebSocket upgrade, the
+//! Browsers and probes: `CORS_ORIGINS` on REST and on the WebSocket upgrade, the
 //! live console at `GET /` (`CONSOLE=off`), and `pubsub-backend healthcheck`, the Docker
 //! image's probe. The console driven by a real Chromium is tests/browser/console.mjs.
 

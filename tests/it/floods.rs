@@ -1,4 +1,4 @@
-//! Connection floods (issue 4, "Floods"): more connections than `MAX_CONNECTIONS`, and more than
+//! Connection floods: more connections than `MAX_CONNECTIONS`, and more than
 //! the operating system gives the process in file descriptors or threads. The excess is refused
 //! cleanly with a 503 and a JSON error, the refusals are logged at most once a second, and the
 //! server recovers fully when the flood stops.
@@ -261,7 +261,7 @@ fn connections_over_max_connections_get_503_and_the_server_recovers_fully() {
     assert_eq!(health(addr)["subscribers"], 0);
 }
 
-/// Regression test (issue 4) for a bug found here: a refusal can lose its body or be reset:
+/// Regression test for a bug found here: a refusal can lose its body or be reset:
 /// refuse() writes the 503 in several write() calls (write! on an unbuffered socket, Nagle on)
 /// and then closes the socket with the client's request unread, which resets it and drops what
 /// is still queued; seen under load as `503, Content-Length: 96` with an empty body.
@@ -627,7 +627,7 @@ fn rest_outcome(addr: SocketAddr) -> String {
     }
 }
 
-/// Regression test (issue 4) for a bug found here: when threads run out, a WebSocket whose
+/// Regression test for a bug found here: when threads run out, a WebSocket whose
 /// writer thread cannot start gets 101 and then a bare TCP close or reset (not 503 or close
 /// 1013), and a REST connection whose response pump cannot start is closed without an answer;
 /// neither is logged above DEBUG.

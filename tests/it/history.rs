@@ -1,4 +1,4 @@
-//! HTTP publish and history (issue 5): `POST /topics/{name}/messages` publishes exactly like the
+//! HTTP publish and history: `POST /topics/{name}/messages` publishes exactly like the
 //! WebSocket `publish`, and `GET /topics/{name}/messages` reads the topic's ring.
 
 use std::collections::BTreeSet;

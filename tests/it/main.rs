@@ -19,11 +19,11 @@
 //! - [`auth`]: `API_KEY` on REST and on the WebSocket upgrade (section 6).
 //!
 //! Then the issues that extend it:
-//! - [`resume`]: offsets (`epoch`, `seq`) and resuming with `since_seq` (issue 5).
-//! - [`history`]: HTTP publish and history, `/topics/{name}/messages` (issue 5).
-//! - [`metrics`]: `GET /metrics`, parsed, every counter moving by exactly what was done (issue 6).
+//! - [`resume`]: offsets (`epoch`, `seq`) and resuming with `since_seq`.
+//! - [`history`]: HTTP publish and history, `/topics/{name}/messages`.
+//! - [`metrics`]: `GET /metrics`, parsed, every counter moving by exactly what was done.
 //! - [`browsers`]: `CORS_ORIGINS` on REST and WebSocket, the console page at `GET /`,
-//!   `CONSOLE=off`, and the `healthcheck` probe (issue 6).
+//!   `CONSOLE=off`, and the `healthcheck` probe.
 //!
 //! Issue 4, attacks (every one also checks that a normal client is still served after it;
 //! tests marked `#[ignore = "server bug: ..."]` reproduce a bug not fixed yet):

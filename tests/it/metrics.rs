@@ -1,5 +1,5 @@
 //! `GET /metrics`: the Prometheus text exposition format, and every counter moving by exactly
-//! what a test did (issue 6, "Metrics"). `promtool check metrics` of a real scrape is in
+//! what a test did. `promtool check metrics` of a real scrape is in
 //! test.sh; here the scrape is parsed into `name{labels} -> value` and read number by number.
 
 use std::collections::BTreeMap;

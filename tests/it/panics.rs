@@ -1,4 +1,4 @@
-//! A panic in one connection's thread (issue 4): with the debug-build test hook
+//! A panic in one connection's thread: with the debug-build test hook
 //! `PUBSUB_BACKEND_TEST_PANIC_TOPIC=boom`, publishing to `boom` panics while holding the broker
 //! lock. The poisoned lock is recovered: the panicking connection is closed (1011) and its
 //! subscriptions are gone, everyone else carries on, and the process lives. Over HTTP publish,

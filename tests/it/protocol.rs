@@ -28,7 +28,7 @@ fn subscribe_is_acked_echoing_the_request_id_and_topic() {
         &json!({"type": "subscribe", "topic": "orders", "client_id": "c1", "request_id": "sub-1"}),
     );
     let mut ack = without_ts(client.recv_json());
-    // The topic's position (issue 5): a fresh topic has published nothing yet.
+    // The topic's position: a fresh topic has published nothing yet.
     let epoch = ack
         .as_object_mut()
         .unwrap()

@@ -1,5 +1,5 @@
-//! The hand-off of REST requests to tiny_http over a pool of reused keep-alive connections
-//! (issue 3): every answer is framed right whatever its kind, reaches the client that asked,
+//! The hand-off of REST requests to tiny_http over a pool of reused keep-alive connections:
+//! every answer is framed right whatever its kind, reaches the client that asked,
 //! and a request tiny_http could not take does not break the pool.
 
 use std::io::{Read, Write};

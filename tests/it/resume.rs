@@ -1,4 +1,4 @@
-//! Offsets and resume (issue 5): every event, publish ack and subscribe ack carries its place in
+//! Offsets and resume: every event, publish ack and subscribe ack carries its place in
 //! the topic, and a `subscribe` with `since_seq` and `epoch` replays exactly what a client
 //! missed, or says `recovered: false` when it cannot.
 

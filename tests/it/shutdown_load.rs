@@ -1,4 +1,4 @@
-//! Shutdown under load (issue 4): publishers (WebSocket and HTTP) and readers running, then
+//! Shutdown under load: publishers (WebSocket and HTTP) and readers running, then
 //! SIGTERM. Every message acked to a publisher reaches every subscriber that kept reading, in
 //! order and without a gap, before `info server_shutdown` and close 1001; the process exits 0
 //! within `SHUTDOWN_GRACE_SEC`.

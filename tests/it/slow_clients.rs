@@ -1,4 +1,4 @@
-//! Slow and silent clients (issue 4, "Slow clients"): a slowloris that trickles its request
+//! Slow and silent clients: a slowloris that trickles its request
 //! head, a client that connects and says nothing, and subscribers that never read. Each is cut
 //! by its deadline (`HANDSHAKE_TIMEOUT_SEC`) or by the slow-consumer rule and `WRITE_TIMEOUT_SEC`,
 //! while a normal client's round trips stay fast.
@@ -142,7 +142,7 @@ fn a_slowloris_websocket_head_is_cut_at_the_handshake_deadline() {
     WsClient::connect(server.addr).ping();
 }
 
-/// Regression test (issue 4) for a bug found here: HANDSHAKE_TIMEOUT_SEC bounds only the
+/// Regression test for a bug found here: HANDSHAKE_TIMEOUT_SEC bounds only the
 /// request line; a REST request whose headers trickle in is only bounded by the 60 s idle
 /// timeout per byte, so a slowloris holds its connection (and a MAX_CONNECTIONS slot) for ever.
 #[test]

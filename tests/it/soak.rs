@@ -1,4 +1,4 @@
-//! Churn soak (issue 4): client threads connecting, subscribing, publishing, unsubscribing,
+//! Churn soak: client threads connecting, subscribing, publishing, unsubscribing,
 //! being cut as slow consumers and vanishing (mid-frame, mid-handshake, mid-body, with unread
 //! events so that the socket is reset), over REST and WebSocket. After each of two phases the
 //! server's threads and file descriptors are back to their idle baseline exactly, `/health`

@@ -221,7 +221,7 @@ impl WsClient {
         reply
     }
 
-    /// Subscribes to `topic` resuming after event `since_seq` of `epoch` (issue 5) and checks
+    /// Subscribes to `topic` resuming after event `since_seq` of `epoch` and checks
     /// the ack, which must say whether the events after `since_seq` were `recovered`.
     pub fn subscribe_since(&mut self, topic: &str, since_seq: u64, epoch: &str) -> Value {
         let request = json!({
@@ -257,7 +257,7 @@ impl WsClient {
     }
 
     /// Publishes `payload` to `topic` under a new id, checks the ack and returns the id with
-    /// the `seq` the ack gave the message (issue 5). Same caveat as [`WsClient::publish`].
+    /// the `seq` the ack gave the message. Same caveat as [`WsClient::publish`].
     pub fn publish_numbered(&mut self, topic: &str, payload: Value) -> (String, u64) {
         let id = Uuid::new_v4().to_string();
         let reply = self.request(publish_request(topic, &id, payload));
@@ -291,7 +291,7 @@ impl WsClient {
         event["message"].clone()
     }
 
-    /// The next message, checked to be an event of `topic` with a `seq` (issue 5); returned
+    /// The next message, checked to be an event of `topic` with a `seq`; returned
     /// whole.
     pub fn recv_numbered_event(&mut self, topic: &str) -> Value {
         let event = self.recv_json();
@@ -399,7 +399,7 @@ pub fn seq(payload: &Value) -> u64 {
         .unwrap_or_else(|| panic!("payload without seq: {payload}"))
 }
 
-/// The `seq` field a server message carries (issue 5): an event's number, a publish ack's,
+/// The `seq` field a server message carries: an event's number, a publish ack's,
 /// the last one of a topic in a subscribe ack.
 pub fn seq_field(message: &Value) -> u64 {
     message["seq"]
@@ -407,7 +407,7 @@ pub fn seq_field(message: &Value) -> u64 {
         .unwrap_or_else(|| panic!("no integer `seq` in {message}"))
 }
 
-/// The `epoch` string of a subscribe ack (issue 5).
+/// The `epoch` string of a subscribe ack.
 pub fn epoch_field(ack: &Value) -> String {
     let epoch = ack["epoch"].as_str().unwrap_or_default();
     assert!(!epoch.is_empty(), "no `epoch` string in {ack}");
