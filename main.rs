@@ -1242,12 +1242,58 @@ enum Reply {
     Batch(Box<[Utf8Bytes]>),
     /// RFC 6455 5.5.3: a Pong echoing the application data of the Ping the reader received.
     Pong(Bytes),
-    /// The place of a reply that is not built yet (a subscribe ack with its replay): the
-    /// writer waits for it here, so the items queued behind it stay behind it. Empty if the
-    /// request produced no reply.
-    Slot(Receiver<Outgoing>),
+    /// The place of a reply that is not built yet (a subscribe ack with its replay).
+    Slot(Arc<ReplySlot>),
     /// Send a Close frame with this code and reason, then write nothing more.
     Close(CloseCode, &'static str),
+}
+
+/// The place of a reply queued before it is built: a subscribe ack and its replay. The reader
+/// fills it right after the broker call and the writer waits for it, so the items queued behind
+/// it stay behind it. A mutex and a condition variable rather than a one-item channel: building
+/// a channel takes close to a kilobyte of the reader's stack, and that frame alone cost every
+/// connection one more page of resident stack.
+#[derive(Debug, Default)]
+struct ReplySlot {
+    /// `None` until filled; `Some(None)` if the request produced no reply.
+    item: Mutex<Option<Option<Outgoing>>>,
+    filled: Condvar,
+}
+
+impl ReplySlot {
+    /// Fills the slot once; later calls change nothing.
+    fn fill(&self, item: Option<Outgoing>) {
+        let mut state = self.item.lock().unwrap_or_else(PoisonError::into_inner);
+        if state.is_none() {
+            *state = Some(item);
+        }
+        drop(state);
+        self.filled.notify_one();
+    }
+
+    /// Waits until the slot is filled and takes what it holds.
+    fn take(&self) -> Option<Outgoing> {
+        let mut state = self.item.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            if let Some(item) = state.take() {
+                return item;
+            }
+            state = self
+                .filled
+                .wait(state)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+}
+
+/// The reader's hold on a [`ReplySlot`]. Dropped unfilled, when the request panicked, it
+/// leaves the slot empty, so the writer never waits on it for ever.
+struct SlotFiller(Arc<ReplySlot>);
+
+impl Drop for SlotFiller {
+    fn drop(&mut self) {
+        self.0.fill(None);
+    }
 }
 
 /// The broker: topics, their replay rings and subscribers, and every WebSocket session's queue.
@@ -2805,24 +2851,7 @@ fn run_session(
         broker: &shared.broker,
         id: session.id,
     };
-    let writer_ws = WebSocket::from_raw_socket(
-        WriterSocket::new(socket, config.write_timeout),
-        Role::Server,
-        Some(config.writer_websocket_config()),
-    );
-    let writer = Writer {
-        ws: writer_ws,
-        rx,
-        control,
-        peer,
-        shared: Arc::clone(shared),
-        unflushed: Vec::new(),
-    };
-    let writer = match thread::Builder::new()
-        .name(format!("ws-writer-{}", peer.id))
-        .stack_size(SESSION_STACK_SIZE)
-        .spawn(move || writer.run())
-    {
+    let writer = match spawn_writer(socket, peer, shared, rx, control) {
         Ok(handle) => handle,
         Err(error) => {
             shared.broker.close_session(session.id);
@@ -2860,6 +2889,35 @@ fn run_session(
         ReadEnd::Panicked => Err(io::Error::other("a request panicked")),
         _ => Ok(()),
     }
+}
+
+/// Starts a session's writer thread. Out of line because the reader blocks in its caller's frame
+/// for the whole session: the writer's WebSocket, built here, would otherwise widen that frame,
+/// and every page of stack the reader ever touches stays resident for each connection.
+#[inline(never)]
+fn spawn_writer(
+    socket: &Arc<TcpStream>,
+    peer: Peer,
+    shared: &Arc<Shared>,
+    rx: Receiver<Outgoing>,
+    control: Arc<SessionControl>,
+) -> io::Result<JoinHandle<()>> {
+    let writer = Writer {
+        ws: WebSocket::from_raw_socket(
+            WriterSocket::new(socket, shared.config.write_timeout),
+            Role::Server,
+            Some(shared.config.writer_websocket_config()),
+        ),
+        rx,
+        control,
+        peer,
+        shared: Arc::clone(shared),
+        unflushed: Vec::new(),
+    };
+    thread::Builder::new()
+        .name(format!("ws-writer-{}", peer.id))
+        .stack_size(SESSION_STACK_SIZE)
+        .spawn(move || writer.run())
 }
 
 /// Removes a WebSocket session from the broker when dropped.
@@ -3121,9 +3179,9 @@ fn handle_request(text: &str, session: &Session<'_>) -> Option<Outgoing> {
             // The reply's place in the queue is taken before the subscription exists, so its
             // live events queue behind it; taking it waits while the queue is full, which
             // paces a client that subscribes faster than it reads, as publishes are paced.
-            let (slot_tx, slot_rx) = mpsc::sync_channel(1);
-            let slot = Outgoing::Reply(Box::new(Reply::Slot(slot_rx)));
-            if session.tx.send(slot).is_err() {
+            let slot = SlotFiller(Arc::default());
+            let place = Outgoing::Reply(Box::new(Reply::Slot(Arc::clone(&slot.0))));
+            if session.tx.send(place).is_err() {
                 return None;
             }
             let ack = Unfinished::new(&ack(topic, None));
@@ -3137,10 +3195,7 @@ fn handle_request(text: &str, session: &Session<'_>) -> Option<Outgoing> {
                 }
                 Err(error) => broker_error_reply(error, request_id, topic, &ts),
             };
-            // A one-slot channel that nothing else sends on: this cannot fail.
-            if let Some(reply) = reply {
-                let _ = slot_tx.try_send(reply);
-            }
+            slot.0.fill(reply);
             return None;
         }
         Operation::Unsubscribe { topic, client_id } => {
@@ -3426,9 +3481,8 @@ impl Writer {
                     }
                 }
                 Reply::Pong(data) => self.ws.write(Message::Pong(data))?,
-                // The reader fills the slot right after the broker call, or drops it.
                 Reply::Slot(slot) => {
-                    if let Ok(item) = slot.recv() {
+                    if let Some(item) = slot.take() {
                         return self.write_item(item);
                     }
                 }
