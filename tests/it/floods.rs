@@ -627,6 +627,44 @@ fn rest_outcome(addr: SocketAddr) -> String {
     }
 }
 
+/// The ids of a process's threads, sorted. (Not their names: a new thread carries the name of
+/// the one that started it for a moment.)
+struct Threads(Vec<u32>);
+
+impl Threads {
+    fn of(server: &Server) -> Threads {
+        let tasks = format!("/proc/{}/task", server.pid());
+        let mut ids: Vec<u32> = std::fs::read_dir(&tasks)
+            .unwrap_or_else(|error| panic!("cannot list {tasks}: {error}"))
+            .flatten()
+            .filter_map(|task| task.file_name().to_str()?.parse().ok())
+            .collect();
+        ids.sort_unstable();
+        Threads(ids)
+    }
+
+    /// Whether every thread of `self` is in `other`.
+    fn is_within(&self, other: &Threads) -> bool {
+        self.0.iter().all(|id| other.0.binary_search(id).is_ok())
+    }
+
+    /// Waits until the threads are these and `started` new ones.
+    fn wait_for_more(&self, server: &Server, started: usize, what: &str) {
+        wait_until(&format!("{what} run, and no other thread ended"), || {
+            let now = Threads::of(server);
+            now.0.len() == self.0.len() + started && self.is_within(&now)
+        });
+    }
+
+    /// Waits until the threads are these but `ended` of them, and none started since.
+    fn wait_for_fewer(&self, server: &Server, ended: usize, what: &str) {
+        wait_until(&format!("{what} ended, and no other thread runs"), || {
+            let now = Threads::of(server);
+            now.0.len() + ended == self.0.len() && now.is_within(self)
+        });
+    }
+}
+
 /// Regression test for a bug found here: when threads run out, a WebSocket whose
 /// writer thread cannot start gets 101 and then a bare TCP close or reset (not 503 or close
 /// 1013), and a REST connection whose response pump cannot start is closed without an answer;
@@ -642,9 +680,6 @@ fn a_flood_beyond_the_thread_limit_is_refused_cleanly_and_the_server_recovers() 
     let addr = server.addr;
     let baseline = server.usage();
     let free = |server: &Server| NPROC.saturating_sub(server.usage().threads);
-    let wait_free = |server: &Server, n: usize| {
-        wait_until(&format!("{n} thread(s) free"), || free(server) == n);
-    };
     // Four keep-alive REST clients, one per thread of tiny_http's pool: a REST request during
     // the flood needs a new pool thread.
     let keep_alive: Vec<TcpStream> = (0..4)
@@ -660,42 +695,53 @@ fn a_flood_beyond_the_thread_limit_is_refused_cleanly_and_the_server_recovers() 
             stream
         })
         .collect();
-    // WebSockets (two threads each) until at most one thread is left.
+    // The thread counts below are exact only between connections: a connection's threads
+    // start and end a little after the client sees it served or closed, so each step waits
+    // for its own threads to have started or ended.
+    //
+    // WebSockets (two threads each) until at most two threads are left. Each needs a third
+    // for a moment (the connection's own thread may still be ending when the session's reader
+    // starts the writer), so one admitted with only two free may be closed with 1013.
     let mut held = Vec::new();
-    while free(&server) >= 2 {
+    while free(&server) >= 3 {
+        let before = Threads::of(&server);
         held.push(admitted(
             ws_attempt(addr),
             "a WebSocket while threads are left",
         ));
+        before.wait_for_more(&server, 2, "a WebSocket's two session threads");
     }
     // A silent connection holds exactly one thread (its own, peeking).
     let mut silent = Vec::new();
     let mut leave_free = |server: &Server, n: usize, held: &mut Vec<WsClient>| {
         while free(server) < n {
+            let before = Threads::of(server);
             held.pop().expect("no WebSocket left to close").close();
-            wait_until("a WebSocket's threads are gone", || free(server) >= n);
+            before.wait_for_fewer(server, 2, "a closed WebSocket's two threads");
         }
         while free(server) > n {
-            let before = free(server);
+            let before = Threads::of(server);
             silent.push(TcpStream::connect(addr).unwrap());
-            wait_until("a silent connection's thread runs", || {
-                free(server) < before
-            });
+            before.wait_for_more(server, 1, "a silent connection's thread");
         }
-        wait_free(server, n);
+        assert_eq!(free(server), n, "threads left for the next probe");
     };
     let mut outcomes = Vec::new();
     // One thread left: enough for a connection's own thread, not for its second one.
     leave_free(&server, 1, &mut held);
+    let before = Threads::of(&server);
     let (outcome, client) = ws_outcome(addr);
     outcomes.push(("a WebSocket with one thread left", outcome));
     drop(client);
+    before.wait_for_fewer(&server, 0, "the threads of the WebSocket probe");
     // Two threads left: enough for a REST connection's two, not for the pool thread tiny_http
     // needs too (its four are busy with the keep-alive clients). Which of the three cannot
     // start is a race: tiny_http's TaskPool uses `thread::spawn`, which panics, and its
     // accept thread dies with it (seen once: REST never answered again).
     leave_free(&server, 2, &mut held);
+    let before = Threads::of(&server);
     outcomes.push(("REST with two threads left", rest_outcome(addr)));
+    before.wait_for_fewer(&server, 0, "the threads of the first REST probe");
     leave_free(&server, 1, &mut held);
     outcomes.push(("REST with one thread left", rest_outcome(addr)));
     assert!(server.is_running(), "the flood killed the server");
