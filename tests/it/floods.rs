@@ -469,6 +469,7 @@ struct DescriptorFlood {
 fn descriptor_flood(server: &mut Server, connections: usize) -> DescriptorFlood {
     const ANSWER_WITHIN: Duration = Duration::from_secs(1);
     let addr = server.addr;
+    server.wait_until_accepting();
     let baseline = server.usage();
     let started = Instant::now();
     let mut streams: Vec<TcpStream> = (0..connections)

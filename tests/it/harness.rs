@@ -1,11 +1,14 @@
 //! Launching the server binary, signalling and reaping it, and waiting for conditions.
 
+use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::process::{Child, ChildStderr, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
+
+use crate::http_client::try_http_raw;
 
 /// The longest any single wait in a test may take before it counts as a failure.
 pub const DEADLINE: Duration = Duration::from_secs(10);
@@ -123,6 +126,58 @@ impl Server {
             fds,
             rss_kib: field("VmRSS:"),
         }
+    }
+
+    /// Waits until the server has served a request and holds no client connection any more:
+    /// from then on its descriptors are those of an idle server. (The start-up line comes
+    /// before the acceptor thread has opened the descriptor it keeps in reserve.)
+    pub fn wait_until_accepting(&self) {
+        wait_until("GET /health is served", || {
+            try_http_raw(
+                self.addr,
+                b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            )
+            .is_some_and(|response| response.status == 200)
+        });
+        wait_until("the server holds no client connection", || {
+            self.client_connections() == 0
+        });
+    }
+
+    /// How many TCP connections the server's descriptors hold (its listening socket aside).
+    pub fn client_connections(&self) -> usize {
+        let pid = self.pid();
+        // Column 2 is the local address, 4 the state (0A: listening), 10 the inode.
+        let connected: HashSet<String> = ["tcp", "tcp6"]
+            .iter()
+            .filter_map(|table| std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).ok())
+            .flat_map(|table| {
+                table
+                    .lines()
+                    .skip(1)
+                    .filter_map(|line| {
+                        let fields: Vec<&str> = line.split_whitespace().collect();
+                        (fields.get(3) != Some(&"0A"))
+                            .then(|| fields.get(9).map(|s| s.to_string()))?
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap_or_else(|error| panic!("cannot list /proc/{pid}/fd: {error}"))
+            .flatten()
+            .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+            .filter_map(|target| {
+                let target = target.to_string_lossy().into_owned();
+                Some(
+                    target
+                        .strip_prefix("socket:[")?
+                        .strip_suffix(']')?
+                        .to_owned(),
+                )
+            })
+            .filter(|inode| connected.contains(inode))
+            .count()
     }
 
     /// A copy of the stderr lines logged so far.
