@@ -2271,8 +2271,12 @@ impl fmt::Display for Peer {
 fn run_acceptor(listener: TcpListener, shared: &Arc<Shared>) {
     // A descriptor held in reserve: when the process runs out, closing it makes room to accept
     // one waiting connection and refuse it properly, instead of leaving it in the backlog.
-    let mut spare = std::fs::File::open("/dev/null").ok();
+    // Reopened before every accept while missing: another thread may take the number it frees.
+    let mut spare = None;
     loop {
+        if spare.is_none() {
+            spare = std::fs::File::open("/dev/null").ok();
+        }
         let accepted = listener.accept();
         if shared.is_shutting_down() {
             return;
@@ -2287,7 +2291,6 @@ fn run_acceptor(listener: TcpListener, shared: &Arc<Shared>) {
                     refuse(&stream, &shared.refusals, "out of file descriptors");
                 }
                 let _ = listener.set_nonblocking(false);
-                spare = std::fs::File::open("/dev/null").ok();
                 continue;
             }
             Err(error) => {
