@@ -56,6 +56,7 @@
 #![forbid(unsafe_code)]
 
 use std::borrow::Cow;
+use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::{self, Write as _};
 use std::io::{self, Read, Write};
@@ -130,6 +131,14 @@ const WS_WRITE_BUFFER_SIZE: usize = 64 * 1024;
 /// The largest value a setting in seconds takes (a day): more is a typo, and a deadline that
 /// far out could overflow `Instant`.
 const MAX_SECONDS_SETTING: f64 = 86_400.0;
+
+/// The longest a publisher waits after one publish for a subscriber's writer that is behind:
+/// long enough for a starved writer to be scheduled and drain, short enough that a wait never
+/// shows as a stall.
+const WRITER_WAIT_LIMIT: Duration = Duration::from_millis(50);
+
+/// The longest linger a writer may be given: beyond it, the linger is a latency of its own.
+const MAX_LINGER_MS: f64 = 1_000.0;
 
 /// Threads answering REST requests. Handlers take microseconds and requests reach tiny_http
 /// whole, so no worker ever waits on a client; requests pipelined on one connection still run
@@ -363,6 +372,11 @@ const SETTINGS: &[Setting] = &[
         help: "a socket write blocked this long drops the connection",
     },
     Setting {
+        var: "WRITE_LINGER_MS",
+        default: Some("2"),
+        help: "after writing a batch, a writer waits this long for more (0: never)",
+    },
+    Setting {
         var: "MAX_MESSAGE_BYTES",
         default: Some("1048576"),
         help: "largest WebSocket message or REST body accepted",
@@ -414,6 +428,8 @@ struct Config {
     handshake_timeout: Duration,
     shutdown_grace: Duration,
     write_timeout: Duration,
+    /// How long a writer that just wrote several events waits before its next batch.
+    write_linger: Duration,
     max_message_bytes: usize,
     /// Bytes of event frames all rings hold together.
     max_retained_bytes: usize,
@@ -583,6 +599,22 @@ impl Config {
             handshake_timeout: seconds("HANDSHAKE_TIMEOUT_SEC", false)?,
             shutdown_grace: seconds("SHUTDOWN_GRACE_SEC", true)?,
             write_timeout: seconds("WRITE_TIMEOUT_SEC", false)?,
+            write_linger: {
+                let (value, var) = setting("WRITE_LINGER_MS");
+                match value.trim().parse::<f64>() {
+                    Ok(ms) if (0.0..=MAX_LINGER_MS).contains(&ms) => {
+                        Duration::from_secs_f64(ms / 1000.0)
+                    }
+                    _ => {
+                        return Err(invalid(
+                            (value, var),
+                            &format!(
+                            "a number of milliseconds from 0 to {MAX_LINGER_MS}, such as 2 or 0.5"
+                        ),
+                        ))
+                    }
+                }
+            },
             max_message_bytes: count("MAX_MESSAGE_BYTES", 64..=64 << 20)?,
             max_retained_bytes: count("MAX_RETAINED_BYTES", 0..=1 << 40)?,
             max_topics: count("MAX_TOPICS", 1..=10_000_000)?,
@@ -1300,10 +1332,11 @@ impl Drop for SlotFiller {
 /// A module of its own so that its private fields keep "subscribed ⇔ holds a live queue" true.
 mod broker {
     use std::collections::{BTreeMap, HashMap, VecDeque};
-    use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
     use std::sync::mpsc::{SyncSender, TrySendError};
     use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
-    use std::time::{SystemTime, UNIX_EPOCH};
+    use std::thread::{self, Thread};
+    use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
     use tungstenite::Utf8Bytes;
 
@@ -1358,7 +1391,7 @@ mod broker {
     }
 
     /// What the broker tells a session's threads: why it ends and, after a slow-consumer cut,
-    /// where the client can resume.
+    /// where the client can resume; and when a lingering writer must wake.
     #[derive(Debug, Default)]
     pub struct SessionControl {
         ending: AtomicU8,
@@ -1367,9 +1400,80 @@ mod broker {
         /// writer of an ending session writes that reply (a publish's ack, say) before the
         /// session's last message.
         executing: AtomicBool,
+        /// Events queued and not yet written: the broker counts up before each send, the
+        /// writer counts down after each flush, so this may run ahead but never behind.
+        queued: AtomicUsize,
+        /// Half the queue: a lingering writer is woken when `queued` reaches it.
+        wake_at: usize,
+        /// The writer thread, known once it first lingers.
+        writer: OnceLock<Thread>,
+        /// Set while the writer is inside a socket write: a queue that fills then is the
+        /// client's doing, not the server's.
+        in_write: AtomicBool,
     }
 
     impl SessionControl {
+        /// The control of a session whose queue holds `queue_size` items.
+        pub fn new(queue_size: usize) -> SessionControl {
+            SessionControl {
+                wake_at: (queue_size / 2).max(1),
+                ..SessionControl::default()
+            }
+        }
+
+        /// Called by the writer after a flush of several events: sleeps up to `time` so that
+        /// the next wake-up writes a bigger batch, unless the queue is already half full or
+        /// the session ends. Woken early when either happens meanwhile.
+        pub fn linger(&self, time: Duration) {
+            self.writer.get_or_init(thread::current);
+            let deadline = Instant::now() + time;
+            // A wake-up between a check and the park is kept by the thread's token; a park
+            // that returns for no reason parks again.
+            while self.queued.load(Ordering::Relaxed) < self.wake_at
+                && self.ending() == Ending::Open
+            {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return;
+                }
+                thread::park_timeout(left);
+            }
+        }
+
+        /// Marks the writer entering (true) or leaving (false) a socket write.
+        pub fn set_in_write(&self, in_write: bool) {
+            self.in_write.store(in_write, Ordering::Relaxed);
+        }
+
+        /// True while half the queue or more waits for a writer that is not blocked on its
+        /// socket: a writer behind for want of CPU, which a publisher should wait for.
+        pub fn is_behind(&self) -> bool {
+            self.queued.load(Ordering::Relaxed) >= self.wake_at
+                && !self.in_write.load(Ordering::Relaxed)
+                && self.ending() == Ending::Open
+        }
+
+        /// Called by the writer once `events` events have been flushed.
+        pub fn count_written(&self, events: usize) {
+            self.queued.fetch_sub(events, Ordering::Relaxed);
+        }
+
+        /// Counts one event about to be queued; wakes a lingering writer at half the queue,
+        /// and says whether the queue is half full or more.
+        fn count_queued(&self) -> bool {
+            let queued = self.queued.fetch_add(1, Ordering::Relaxed) + 1;
+            if queued == self.wake_at {
+                self.wake_writer();
+            }
+            queued >= self.wake_at
+        }
+
+        fn wake_writer(&self) {
+            if let Some(writer) = self.writer.get() {
+                writer.unpark();
+            }
+        }
+
         pub fn ending(&self) -> Ending {
             match self.ending.load(Ordering::SeqCst) {
                 0 => Ending::Open,
@@ -1411,6 +1515,7 @@ mod broker {
             let _ = self
                 .ending
                 .compare_exchange(0, why as u8, Ordering::SeqCst, Ordering::SeqCst);
+            self.wake_writer();
         }
     }
 
@@ -1454,10 +1559,13 @@ mod broker {
 
     /// What a publish did: the message's `seq`, and whether it was a duplicate of one the
     /// topic still holds (then nothing was published, and `seq` is the original's).
-    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    #[derive(Debug)]
     pub struct Published {
         pub seq: u64,
         pub duplicate: bool,
+        /// A subscriber whose queue was half full or more after this event and whose writer
+        /// was not blocked on its socket: the publisher waits for it ([`SessionControl::is_behind`]).
+        pub behind: Option<Arc<SessionControl>>,
     }
 
     /// What a de-duplication record costs against `MAX_RETAINED_BYTES`: the id in the ring
@@ -1533,6 +1641,7 @@ mod broker {
     struct Subscriber {
         session: SessionId,
         tx: SyncSender<Outgoing>,
+        control: Arc<SessionControl>,
         /// The topic's last `seq` when the subscription began: later events are delivered
         /// live, earlier ones only by replay.
         joined: u64,
@@ -1725,6 +1834,7 @@ mod broker {
                     topic.subscribers.push(Subscriber {
                         session: id,
                         tx: session.tx.clone(),
+                        control: Arc::clone(&session.control),
                         joined: topic.last_seq,
                     });
                     session.topics.push(Arc::clone(&topic.name));
@@ -1759,7 +1869,7 @@ mod broker {
 
         /// Numbers an event, appends it to the topic's ring and queues it for every
         /// subscriber, without waiting for any: a subscriber whose queue is full is cut as a
-        /// slow consumer. Returns the event's `seq`.
+        /// slow consumer. Returns the event's `seq`, and a subscriber whose writer is behind.
         pub fn publish(
             &self,
             name: &str,
@@ -1780,6 +1890,7 @@ mod broker {
                 return Ok(Published {
                     seq,
                     duplicate: true,
+                    behind: None,
                 });
             }
             topic.last_seq += 1;
@@ -1798,7 +1909,14 @@ mod broker {
             topic.retain(entry, self.limits.ring_size, &mut state.retention);
             let live = Arc::new(LiveEvent { frame, accepted_us });
             let mut overflowed = Vec::new();
+            let mut behind = None;
             for subscriber in &topic.subscribers {
+                if subscriber.control.count_queued()
+                    && behind.is_none()
+                    && subscriber.control.is_behind()
+                {
+                    behind = Some(Arc::clone(&subscriber.control));
+                }
                 match subscriber.tx.try_send(Outgoing::Event(Arc::clone(&live))) {
                     Ok(()) => topic.delivered += 1,
                     Err(TrySendError::Full(_)) => {
@@ -1820,6 +1938,7 @@ mod broker {
             Ok(Published {
                 seq,
                 duplicate: false,
+                behind,
             })
         }
 
@@ -2662,15 +2781,33 @@ struct WriterSocket {
     /// little now and then makes every single write return within the timeout; the limit
     /// holds for the whole of a blocked write only because its start is remembered here.
     stalled_since: Option<Instant>,
+    /// The session told when the writer is inside a socket write, if there is one.
+    control: Option<Arc<SessionControl>>,
 }
 
 impl WriterSocket {
-    fn new(socket: &Arc<TcpStream>, timeout: Duration) -> WriterSocket {
+    fn new(
+        socket: &Arc<TcpStream>,
+        timeout: Duration,
+        control: Option<Arc<SessionControl>>,
+    ) -> WriterSocket {
         WriterSocket {
             socket: Arc::clone(socket),
             timeout,
             stalled_since: None,
+            control,
         }
+    }
+
+    fn write_to_socket(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if let Some(control) = &self.control {
+            control.set_in_write(true);
+        }
+        let written = (&*self.socket).write(buf);
+        if let Some(control) = &self.control {
+            control.set_in_write(false);
+        }
+        written
     }
 }
 
@@ -2696,7 +2833,7 @@ impl Write for WriterSocket {
             self.socket.set_write_timeout(Some(left))?;
         }
         let started = Instant::now();
-        let written = match (&*self.socket).write(buf) {
+        let written = match self.write_to_socket(buf) {
             // SO_SNDTIMEO expired: the kernel reports it as EAGAIN.
             Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
                 return Err(io::Error::new(
@@ -2728,6 +2865,9 @@ struct Session<'a> {
     shared: &'a Shared,
     tx: SyncSender<Outgoing>,
     control: Arc<SessionControl>,
+    /// Set by a publish whose event left a subscriber's writer behind: the reader waits for
+    /// it before it reads the next request ([`wait_for_writer`]).
+    behind: Cell<Option<Arc<SessionControl>>>,
 }
 
 /// Takes one WebSocket connection through its handshake, then hands it (and its place in
@@ -2815,7 +2955,7 @@ fn serve_ws(
 /// RFC 6455 7.4.1: closes an upgraded connection that no thread can serve with 1013, "try
 /// again later". Only for a connection without a writer thread, which alone writes otherwise.
 fn close_try_again(socket: &Arc<TcpStream>, shared: &Shared, error: &io::Error) {
-    let writer_socket = WriterSocket::new(socket, shared.config.write_timeout);
+    let writer_socket = WriterSocket::new(socket, shared.config.write_timeout, None);
     let mut ws = WebSocket::from_raw_socket(writer_socket, Role::Server, None);
     let reason = Utf8Bytes::from_static("server busy: cannot start a thread");
     let _ = ws.close(Some(CloseFrame {
@@ -2837,13 +2977,14 @@ fn run_session(
 ) -> io::Result<()> {
     let config = &shared.config;
     let (tx, rx) = mpsc::sync_channel(config.queue_size);
-    let control = Arc::new(SessionControl::default());
+    let control = Arc::new(SessionControl::new(config.queue_size));
     let session = Session {
         id: peer.id,
         peer,
         shared,
         tx,
         control: Arc::clone(&control),
+        behind: Cell::new(None),
     };
     shared
         .broker
@@ -2907,7 +3048,11 @@ fn spawn_writer(
 ) -> io::Result<JoinHandle<()>> {
     let writer = Writer {
         ws: WebSocket::from_raw_socket(
-            WriterSocket::new(socket, shared.config.write_timeout),
+            WriterSocket::new(
+                socket,
+                shared.config.write_timeout,
+                Some(Arc::clone(&control)),
+            ),
             Role::Server,
             Some(shared.config.writer_websocket_config()),
         ),
@@ -3129,6 +3274,24 @@ fn read_requests(ws: &mut WebSocket<ReaderSocket>, session: &Session<'_>) -> Rea
         if !sent {
             return ReadEnd::WriterGone;
         }
+        if let Some(writer) = session.behind.take() {
+            wait_for_writer(&writer);
+        }
+    }
+}
+
+/// Waits, up to [`WRITER_WAIT_LIMIT`], while a subscriber's writer is behind for want of CPU:
+/// half its queue used and not blocked on its socket. On a machine with fewer cores than
+/// runnable writers, a publisher on a fast connection can otherwise outrun writers whose
+/// clients keep up and have them cut as slow consumers. A writer blocked on its socket (a
+/// client that does not read) is never waited for: that client is cut when its queue is full.
+fn wait_for_writer(writer: &SessionControl) {
+    /// How often a waiting reader looks again: short against the writer's batch, long enough
+    /// to leave the CPU to the writers.
+    const LOOK_AGAIN: Duration = Duration::from_micros(100);
+    let deadline = Instant::now() + WRITER_WAIT_LIMIT;
+    while writer.is_behind() && Instant::now() < deadline {
+        thread::sleep(LOOK_AGAIN);
     }
 }
 
@@ -3156,7 +3319,7 @@ fn handle_request(text: &str, session: &Session<'_>) -> Option<Outgoing> {
     };
     let request_id = request.request_id.as_deref();
     let broker = &session.shared.broker;
-    let ack = |topic, published: Option<Published>| ServerMessage::Ack {
+    let ack = |topic, published: Option<&Published>| ServerMessage::Ack {
         request_id,
         status: "ok",
         topic,
@@ -3216,7 +3379,13 @@ fn handle_request(text: &str, session: &Session<'_>) -> Option<Outgoing> {
         }
     };
     match outcome {
-        Ok((topic, published)) => Some(Outgoing::text(ack(topic, published).to_frame())),
+        Ok((topic, mut published)) => {
+            let reply = Outgoing::text(ack(topic, published.as_ref()).to_frame());
+            session
+                .behind
+                .set(published.as_mut().and_then(|p| p.behind.take()));
+            Some(reply)
+        }
         Err(error) => {
             let topic = request.op.topic().unwrap_or_default();
             broker_error_reply(error, request_id, topic, &ts)
@@ -3341,6 +3510,7 @@ impl Writer {
     /// Returns once a Close frame has been sent or the queue is disconnected.
     fn write_until_closed(&mut self) -> tungstenite::Result<()> {
         let heartbeat = self.shared.config.heartbeat;
+        let linger = self.shared.config.write_linger;
         let mut next_heartbeat = Instant::now() + heartbeat;
         loop {
             // One clock read per batch: the queue is tried before waiting on it (a wait with a
@@ -3375,7 +3545,12 @@ impl Writer {
                 if self.write_item(item)? || self.write_ready()? {
                     return Ok(());
                 }
+                let events = self.unflushed.len();
                 self.flush()?;
+                // A lone event is never held back: only a batch says that more are coming.
+                if events >= 2 && !linger.is_zero() {
+                    self.control.linger(linger);
+                }
             }
             let ending = self.control.ending();
             if ending != Ending::Open {
@@ -3504,6 +3679,7 @@ impl Writer {
     fn flush(&mut self) -> tungstenite::Result<()> {
         self.ws.flush()?;
         if !self.unflushed.is_empty() {
+            self.control.count_written(self.unflushed.len());
             let now_us = self.shared.clock_us();
             let mut batch = LatencyBatch::default();
             for accepted_us in self.unflushed.drain(..) {
@@ -5656,7 +5832,7 @@ mod tests {
     ) -> (Broker, Receiver<Outgoing>, Arc<SessionControl>) {
         let broker = Broker::new(limits);
         let (tx, rx) = mpsc::sync_channel(queue_size);
-        let control = Arc::new(SessionControl::default());
+        let control = Arc::new(SessionControl::new(queue_size));
         broker.open_session(1, tx, Arc::clone(&control));
         broker.create_topic("t", "E".to_string()).unwrap();
         (broker, rx, control)
@@ -5680,15 +5856,12 @@ mod tests {
     fn a_retried_id_is_answered_with_its_original_seq() {
         let (broker, rx, _) = broker_with_session(2, 10);
         subscribe(&broker, Replay::LastN(0)).unwrap();
-        let publish_id = |topic, id| broker.publish(topic, id, &unfinished("e"), 0).unwrap();
-        let new = |seq| Published {
-            seq,
-            duplicate: false,
+        let publish_id = |topic, id| {
+            let published = broker.publish(topic, id, &unfinished("e"), 0).unwrap();
+            (published.seq, published.duplicate)
         };
-        let again = |seq| Published {
-            seq,
-            duplicate: true,
-        };
+        let new = |seq| (seq, false);
+        let again = |seq| (seq, true);
         assert_eq!(publish_id("t", 7), new(1));
         assert_eq!(publish_id("t", 7), again(1));
         assert_eq!(publish_id("t", 8), new(2));
@@ -5706,6 +5879,87 @@ mod tests {
         assert_eq!(publish_id("t", 7), new(4));
         broker.create_topic("u", "F".to_string()).unwrap();
         assert_eq!(publish_id("u", 7), new(1), "ids are per topic");
+    }
+
+    /// Runs `linger` for at most `time` on another thread, does `meanwhile`, and returns how
+    /// long the linger lasted.
+    fn linger_while(
+        control: &Arc<SessionControl>,
+        time: Duration,
+        meanwhile: impl FnOnce(),
+    ) -> Duration {
+        let (started_tx, started_rx) = mpsc::channel();
+        let lingering = Arc::clone(control);
+        let writer = thread::spawn(move || {
+            let start = Instant::now();
+            started_tx.send(()).unwrap();
+            lingering.linger(time);
+            start.elapsed()
+        });
+        started_rx.recv().unwrap();
+        meanwhile();
+        writer.join().unwrap()
+    }
+
+    /// A writer lingering after a batch wakes as soon as half its queue is used, long before
+    /// its linger ends, so that a reader that keeps up is not cut while its writer sleeps.
+    #[test]
+    fn a_lingering_writer_wakes_when_its_queue_is_half_full() {
+        let (broker, rx, control) = broker_with_session(10, 10);
+        subscribe(&broker, Replay::LastN(0)).unwrap();
+        let lingered = linger_while(&control, Duration::from_secs(10), || {
+            for _ in 0..5 {
+                publish(&broker, "t", "e").unwrap();
+            }
+        });
+        assert!(lingered < Duration::from_secs(5), "lingered {lingered:?}");
+        assert_eq!(rx.try_iter().count(), 5);
+    }
+
+    /// A publish names a subscriber whose writer has half its queue waiting and is not inside
+    /// a socket write, for the publisher to wait for; a writer blocked on its socket (a client
+    /// that does not read) is never waited for.
+    #[test]
+    fn a_publish_names_a_writer_behind_but_not_one_blocked_on_its_socket() {
+        let (broker, _rx, control) = broker_with_session(10, 10);
+        subscribe(&broker, Replay::LastN(0)).unwrap();
+        let behind = || {
+            let published = broker.publish("t", 0, &unfinished("e"), 0).unwrap();
+            published.behind.is_some()
+        };
+        assert_eq!([behind(), behind(), behind(), behind()], [false; 4]);
+        assert!(behind(), "the fifth event fills half the queue of ten");
+        control.set_in_write(true);
+        assert!(!behind(), "blocked on its socket");
+        control.set_in_write(false);
+        control.count_written(6);
+        assert!(!behind(), "caught up");
+    }
+
+    /// The end of a session, a slow-consumer cut or shutdown, ends a linger at once.
+    #[test]
+    fn a_lingering_writer_wakes_when_its_session_ends() {
+        let (broker, _rx, control) = broker_with_session(10, 10);
+        let lingered = linger_while(&control, Duration::from_secs(10), || broker.shutdown());
+        assert!(lingered < Duration::from_secs(5), "lingered {lingered:?}");
+    }
+
+    /// A writer whose queue is already half full does not linger at all.
+    #[test]
+    fn a_writer_does_not_linger_behind_a_half_full_queue() {
+        let (broker, _rx, control) = broker_with_session(10, 10);
+        subscribe(&broker, Replay::LastN(0)).unwrap();
+        for _ in 0..5 {
+            publish(&broker, "t", "e").unwrap();
+        }
+        let start = Instant::now();
+        control.linger(Duration::from_secs(10));
+        assert!(start.elapsed() < Duration::from_secs(5));
+        // Once the writer has written them, it lingers its whole time again.
+        control.count_written(5);
+        let start = Instant::now();
+        control.linger(Duration::from_millis(50));
+        assert!(start.elapsed() >= Duration::from_millis(50));
     }
 
     /// Subscribes session 1 to `t`; the frames of its ack and replay.

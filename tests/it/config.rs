@@ -39,6 +39,9 @@ fn invalid_values_stop_start_up_with_one_line_naming_the_variable() {
         ("HEARTBEAT_SEC", "often"),
         ("SHUTDOWN_GRACE_SEC", "soon"),
         ("WRITE_TIMEOUT_SEC", "ten"),
+        ("WRITE_LINGER_MS", "-1"),
+        ("WRITE_LINGER_MS", "1001"),
+        ("WRITE_LINGER_MS", "2ms"),
         ("MAX_MESSAGE_BYTES", "1MB"),
         ("API_KEY", ""),
     ];
@@ -70,6 +73,7 @@ fn valid_uncommon_values_are_accepted() {
         ("HEARTBEAT_SEC", "0.75"),
         ("RING_SIZE", "1"),
         ("QUEUE_SIZE", "1"),
+        ("WRITE_LINGER_MS", "0.5"),
     ]);
     health(server.addr);
 }

@@ -21,7 +21,7 @@ const POLL_INTERVAL: Duration = Duration::from_millis(10);
 
 /// Every variable the server reads (SPEC section 1 and the issues since). They are removed from
 /// the inherited environment so that a developer's shell cannot change what a test sees.
-pub const CONFIG_VARIABLES: [&str; 16] = [
+pub const CONFIG_VARIABLES: [&str; 17] = [
     "HOST",
     "PORT",
     "RING_SIZE",
@@ -31,6 +31,7 @@ pub const CONFIG_VARIABLES: [&str; 16] = [
     "HANDSHAKE_TIMEOUT_SEC",
     "SHUTDOWN_GRACE_SEC",
     "WRITE_TIMEOUT_SEC",
+    "WRITE_LINGER_MS",
     "MAX_MESSAGE_BYTES",
     "MAX_RETAINED_BYTES",
     "MAX_TOPICS",
