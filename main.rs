@@ -1334,7 +1334,7 @@ mod broker {
     use std::collections::{BTreeMap, HashMap, VecDeque};
     use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
     use std::sync::mpsc::{SyncSender, TrySendError};
-    use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+    use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
     use std::thread::{self, Thread};
     use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -1410,6 +1410,10 @@ mod broker {
         /// Set while the writer is inside a socket write: a queue that fills then is the
         /// client's doing, not the server's.
         in_write: AtomicBool,
+        /// Publishers waiting for this writer to catch up, on `caught_up`.
+        waiters: AtomicUsize,
+        waiting: Mutex<()>,
+        caught_up: Condvar,
     }
 
     impl SessionControl {
@@ -1442,20 +1446,55 @@ mod broker {
 
         /// Marks the writer entering (true) or leaving (false) a socket write.
         pub fn set_in_write(&self, in_write: bool) {
-            self.in_write.store(in_write, Ordering::Relaxed);
+            self.in_write.store(in_write, Ordering::SeqCst);
+            if in_write {
+                self.wake_waiters();
+            }
         }
 
         /// True while half the queue or more waits for a writer that is not blocked on its
         /// socket: a writer behind for want of CPU, which a publisher should wait for.
         pub fn is_behind(&self) -> bool {
-            self.queued.load(Ordering::Relaxed) >= self.wake_at
-                && !self.in_write.load(Ordering::Relaxed)
+            self.queued.load(Ordering::SeqCst) >= self.wake_at
+                && !self.in_write.load(Ordering::SeqCst)
                 && self.ending() == Ending::Open
+        }
+
+        /// Waits, up to `limit`, while the writer [`is_behind`](Self::is_behind).
+        pub fn wait_until_caught_up(&self, limit: Duration) {
+            // SeqCst with the writer's updates: either the writer sees this waiter and wakes
+            // it, or this check sees the writer's progress and does not wait.
+            self.waiters.fetch_add(1, Ordering::SeqCst);
+            let deadline = Instant::now() + limit;
+            let mut guard = self.waiting.lock().unwrap_or_else(PoisonError::into_inner);
+            while self.is_behind() {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                guard = match self.caught_up.wait_timeout(guard, left) {
+                    Ok((guard, _)) => guard,
+                    Err(poisoned) => poisoned.into_inner().0,
+                };
+            }
+            drop(guard);
+            self.waiters.fetch_sub(1, Ordering::SeqCst);
         }
 
         /// Called by the writer once `events` events have been flushed.
         pub fn count_written(&self, events: usize) {
-            self.queued.fetch_sub(events, Ordering::Relaxed);
+            let before = self.queued.fetch_sub(events, Ordering::SeqCst);
+            if before >= self.wake_at && before - events < self.wake_at {
+                self.wake_waiters();
+            }
+        }
+
+        fn wake_waiters(&self) {
+            if self.waiters.load(Ordering::SeqCst) > 0 {
+                // Taking the lock orders this after a waiter's check, before its wait.
+                drop(self.waiting.lock().unwrap_or_else(PoisonError::into_inner));
+                self.caught_up.notify_all();
+            }
         }
 
         /// Counts one event about to be queued; wakes a lingering writer at half the queue,
@@ -1516,6 +1555,7 @@ mod broker {
                 .ending
                 .compare_exchange(0, why as u8, Ordering::SeqCst, Ordering::SeqCst);
             self.wake_writer();
+            self.wake_waiters();
         }
     }
 
@@ -2866,7 +2906,7 @@ struct Session<'a> {
     tx: SyncSender<Outgoing>,
     control: Arc<SessionControl>,
     /// Set by a publish whose event left a subscriber's writer behind: the reader waits for
-    /// it before it reads the next request ([`wait_for_writer`]).
+    /// it before it reads the next request.
     behind: Cell<Option<Arc<SessionControl>>>,
 }
 
@@ -3274,24 +3314,11 @@ fn read_requests(ws: &mut WebSocket<ReaderSocket>, session: &Session<'_>) -> Rea
         if !sent {
             return ReadEnd::WriterGone;
         }
+        // On a machine with fewer cores than runnable writers, a publisher on a fast
+        // connection could otherwise outrun writers whose clients keep up, and have them cut.
         if let Some(writer) = session.behind.take() {
-            wait_for_writer(&writer);
+            writer.wait_until_caught_up(WRITER_WAIT_LIMIT);
         }
-    }
-}
-
-/// Waits, up to [`WRITER_WAIT_LIMIT`], while a subscriber's writer is behind for want of CPU:
-/// half its queue used and not blocked on its socket. On a machine with fewer cores than
-/// runnable writers, a publisher on a fast connection can otherwise outrun writers whose
-/// clients keep up and have them cut as slow consumers. A writer blocked on its socket (a
-/// client that does not read) is never waited for: that client is cut when its queue is full.
-fn wait_for_writer(writer: &SessionControl) {
-    /// How often a waiting reader looks again: short against the writer's batch, long enough
-    /// to leave the CPU to the writers.
-    const LOOK_AGAIN: Duration = Duration::from_micros(100);
-    let deadline = Instant::now() + WRITER_WAIT_LIMIT;
-    while writer.is_behind() && Instant::now() < deadline {
-        thread::sleep(LOOK_AGAIN);
     }
 }
 
@@ -5934,6 +5961,35 @@ mod tests {
         control.set_in_write(false);
         control.count_written(6);
         assert!(!behind(), "caught up");
+    }
+
+    /// A publisher waiting for a writer that is behind wakes as soon as the writer catches up
+    /// or enters a socket write, long before its limit.
+    #[test]
+    fn a_publisher_waits_for_a_writer_behind_only_until_it_catches_up_or_blocks() {
+        let (broker, _rx, control) = broker_with_session(10, 10);
+        subscribe(&broker, Replay::LastN(0)).unwrap();
+        for _ in 0..5 {
+            publish(&broker, "t", "e").unwrap();
+        }
+        assert!(control.is_behind());
+        let wait = |progress: fn(&SessionControl)| {
+            let writer = Arc::clone(&control);
+            let progressed = thread::spawn(move || {
+                thread::sleep(Duration::from_millis(20));
+                progress(&writer);
+            });
+            let start = Instant::now();
+            control.wait_until_caught_up(Duration::from_secs(10));
+            progressed.join().unwrap();
+            start.elapsed()
+        };
+        let waited = wait(|writer| writer.set_in_write(true));
+        assert!(waited < Duration::from_secs(5), "waited {waited:?}");
+        control.set_in_write(false);
+        let waited = wait(|writer| writer.count_written(5));
+        assert!(waited < Duration::from_secs(5), "waited {waited:?}");
+        assert!(!control.is_behind());
     }
 
     /// The end of a session, a slow-consumer cut or shutdown, ends a linger at once.
