@@ -29,8 +29,8 @@
 //! | `main` | start-up, shutdown | waiting for SIGTERM/SIGINT | after shutdown |
 //! | `acceptor` | the listening socket; refusals | `accept` | shutdown flag, woken by a self-connect |
 //! | `conn-N` | one new client socket: peek, then the WebSocket handshake, or REST requests relayed to tiny_http one by one | socket read | the handshake is done (or failed); for REST, peer closes, idle timeout, or `TcpStream::shutdown` at shutdown |
-//! | `ws-reader-N` | one WebSocket after its handshake: reads and executes requests | socket read | peer closes, two heartbeats of silence, or `TcpStream::shutdown` from the writer or shutdown |
-//! | `ws-writer-N` | the only writer of one WebSocket | `recv_timeout` on its queue (also the heartbeat tick), a subscribe's reply slot, socket write | the session closes; a write blocked for `WRITE_TIMEOUT_SEC` in all |
+//! | `ws-reader-N` | one WebSocket after its handshake: reads and executes requests | socket read; after a publish, up to 50 ms for a subscriber's writer that is behind | peer closes, two heartbeats of silence, or `TcpStream::shutdown` from the writer or shutdown |
+//! | `ws-writer-N` | the only writer of one WebSocket | `recv_timeout` on its queue (also the heartbeat tick), a subscribe's reply slot, socket write, a linger after a batch | the session closes; a write blocked for `WRITE_TIMEOUT_SEC` in all |
 //! | `rest-worker-N` | nothing; serves tiny_http requests | `Server::recv` | `Server::unblock` at shutdown |
 //! | tiny_http's own | its accept loop, and a parser for each of the [`RestBackends`] | unix socket reads | process exit |
 //!
@@ -52,6 +52,8 @@
 //!   first.
 //! - A topic's events are numbered under the broker lock, in the order they are queued, so
 //!   every subscriber sees `seq` increase by one from event to event.
+//! - A client is cut only when its queue is full. A publisher may wait, 50 ms at most, for a
+//!   writer that is behind for want of CPU, never for one blocked on its socket.
 
 #![forbid(unsafe_code)]
 
