@@ -1509,7 +1509,9 @@ mod broker {
             queued >= self.wake_at
         }
 
-        fn wake_writer(&self) {
+        /// Ends the writer's linger, if it lingers: a reply to the client's own request is
+        /// never held back.
+        pub fn wake_writer(&self) {
             if let Some(writer) = self.writer.get() {
                 writer.unpark();
             }
@@ -3291,6 +3293,7 @@ fn read_requests(ws: &mut WebSocket<ReaderSocket>, session: &Session<'_>) -> Rea
                 {
                     return ReadEnd::WriterGone;
                 }
+                session.control.wake_writer();
                 continue;
             }
             Message::Close(frame) => return ReadEnd::PeerClosed(frame.map(|f| f.code)),
@@ -3312,6 +3315,7 @@ fn read_requests(ws: &mut WebSocket<ReaderSocket>, session: &Session<'_>) -> Rea
         // Blocks while the queue is full: a client that sends faster than it reads is slowed
         // down, not cut. The reply of a request the session's cut interrupted still goes out.
         let sent = reply.is_none_or(|reply| session.tx.send(reply).is_ok());
+        session.control.wake_writer();
         session.control.end_request();
         if !sent {
             return ReadEnd::WriterGone;
@@ -5965,15 +5969,21 @@ mod tests {
         assert!(!behind(), "caught up");
     }
 
-    /// A publisher waiting for a writer that is behind wakes as soon as the writer catches up
-    /// or enters a socket write, long before its limit.
-    #[test]
-    fn a_publisher_waits_for_a_writer_behind_only_until_it_catches_up_or_blocks() {
-        let (broker, _rx, control) = broker_with_session(10, 10);
+    /// A broker whose session 1 subscribes to `t` with a queue of ten, five events queued.
+    fn half_full_queue() -> (Broker, Receiver<Outgoing>, Arc<SessionControl>) {
+        let (broker, rx, control) = broker_with_session(10, 10);
         subscribe(&broker, Replay::LastN(0)).unwrap();
         for _ in 0..5 {
             publish(&broker, "t", "e").unwrap();
         }
+        (broker, rx, control)
+    }
+
+    /// A publisher waiting for a writer that is behind wakes as soon as the writer catches up
+    /// or enters a socket write, long before its limit.
+    #[test]
+    fn a_publisher_waits_for_a_writer_behind_only_until_it_catches_up_or_blocks() {
+        let (_broker, _rx, control) = half_full_queue();
         assert!(control.is_behind());
         let wait = |progress: fn(&SessionControl)| {
             let writer = Arc::clone(&control);
@@ -6005,11 +6015,7 @@ mod tests {
     /// A writer whose queue is already half full does not linger at all.
     #[test]
     fn a_writer_does_not_linger_behind_a_half_full_queue() {
-        let (broker, _rx, control) = broker_with_session(10, 10);
-        subscribe(&broker, Replay::LastN(0)).unwrap();
-        for _ in 0..5 {
-            publish(&broker, "t", "e").unwrap();
-        }
+        let (_broker, _rx, control) = half_full_queue();
         let start = Instant::now();
         control.linger(Duration::from_secs(10));
         assert!(start.elapsed() < Duration::from_secs(5));

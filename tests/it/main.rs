@@ -18,14 +18,14 @@
 //! - [`lifecycle`]: topic deletion and graceful shutdown on signals (section 4).
 //! - [`auth`]: `API_KEY` on REST and on the WebSocket upgrade (section 6).
 //!
-//! Then the issues that extend it:
+//! Then what extends it:
 //! - [`resume`]: offsets (`epoch`, `seq`) and resuming with `since_seq`.
 //! - [`history`]: HTTP publish and history, `/topics/{name}/messages`.
 //! - [`metrics`]: `GET /metrics`, parsed, every counter moving by exactly what was done.
 //! - [`browsers`]: `CORS_ORIGINS` on REST and WebSocket, the console page at `GET /`,
 //!   `CONSOLE=off`, and the `healthcheck` probe.
 //!
-//! Issue 4, attacks (every one also checks that a normal client is still served after it;
+//! Attacks (every one also checks that a normal client is still served after it;
 //! tests marked `#[ignore = "server bug: ..."]` reproduce a bug not fixed yet):
 //! - [`adversarial_http`]: malformed request heads, random mutations, oversized lines and
 //!   headers, smuggling attempts (conflicting framing), lying `Content-Length`s.
@@ -41,7 +41,7 @@
 //! - [`auth_bypass`]: no way past `API_KEY`, and the key never logged.
 //! - [`panics`]: a panic under the broker lock closes only its connection.
 //!
-//! Issue 3, performance (speed targets live in `bench.sh`, not here):
+//! Performance (speed targets live in `bench.sh`, not here):
 //! - [`rest_handoff`]: the pool of reused connections to tiny_http: answers framed right
 //!   (HEAD, over 32 KiB), each to the client that asked (also when a request hides in a
 //!   chunked body), chunked bodies forwarded decoded, `OPTIONS *`, bare LF, non-ASCII heads.
