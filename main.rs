@@ -6,8 +6,8 @@
 //! at `/`), all on one TCP port. Every topic numbers its events (`seq`, within an `epoch`) and
 //! keeps a ring of the last `RING_SIZE` for replay and resume; every WebSocket connection has
 //! one bounded outbound queue, and a connection whose queue overflows is cut (`SLOW_CONSUMER`)
-//! instead of slowing anyone else down. README.md is the contract: the protocol, its semantics
-//! and its limits.
+//! instead of slowing anyone else down. README.md and docs/protocol.md are the
+//! contract: the protocol, its semantics and its limits.
 //!
 //! ## Main types, in the order data flows
 //! - [`Config`]: settings from the environment (flags mirror them).
@@ -6380,7 +6380,7 @@ mod tests {
         );
     }
 
-    /// Every input in the committed fuzz corpora (`fuzz/corpus/`, see README "Fuzzing"), through
+    /// Every input in the committed fuzz corpora (`fuzz/corpus/`, see docs/testing.md, "Fuzzing"), through
     /// the functions the fuzz targets exercise, on a thread with a session's stack: no panic,
     /// no stack overflow, and every rejection says why. The fuzz targets check much more, but
     /// need a nightly toolchain; this keeps the corpora replayed by every `cargo test`.

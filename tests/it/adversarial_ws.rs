@@ -622,8 +622,8 @@ fn huge_and_odd_numbers_in_a_payload_are_forwarded_byte_exact() {
 }
 
 #[test]
-/// A number beyond the range of a double (1e400) is refused, by decision (README "WebSocket
-/// protocol"): serde_json and many other parsers cannot read it, so a subscriber could not read
+/// A number beyond the range of a double (1e400) is refused, by decision (docs/protocol.md,
+/// "WebSocket protocol"): serde_json and many other parsers cannot read it, so a subscriber could not read
 /// the event. RFC 8259 section 6 lets each implementation set such limits.
 fn numbers_beyond_a_double_in_a_payload_are_refused_naming_the_payload() {
     let server = server();

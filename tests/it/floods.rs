@@ -349,7 +349,7 @@ fn max_connections_auto_follows_the_open_files_limit() {
     const EXCESS: usize = 20;
     let mut server = server_with_nofile(NOFILE, &[("LOG_LEVEL", "INFO")]);
     let addr = server.addr;
-    // README: auto keeps a reserve of descriptors (at most 256) below the open-files limit;
+    // docs/design.md: auto keeps a reserve of descriptors (at most 256) below the open-files limit;
     // with the default limits it would be thousands.
     let limit = logged_limit(&server);
     assert!(
