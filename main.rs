@@ -30,7 +30,7 @@
 //! | `acceptor` | the listening socket; refusals | `accept` | shutdown flag, woken by a self-connect |
 //! | `conn-N` | one new client socket: peek, then the WebSocket handshake, or REST requests relayed to tiny_http one by one | socket read | the handshake is done (or failed); for REST, peer closes, idle timeout, or `TcpStream::shutdown` at shutdown |
 //! | `ws-reader-N` | one WebSocket after its handshake: reads and executes requests | socket read; after a publish, up to 50 ms for a subscriber's writer that is behind | peer closes, two heartbeats of silence, or `TcpStream::shutdown` from the writer or shutdown |
-//! | `ws-writer-N` | the only writer of one WebSocket | `recv_timeout` on its queue (also the heartbeat tick), a subscribe's reply slot, socket write, a linger after a batch | the session closes; a write blocked for `WRITE_TIMEOUT_SEC` in all |
+//! | `ws-writer-N` | the only writer of one WebSocket | a park on its empty queue until whoever queues wakes it (also the heartbeat tick), a subscribe's reply slot, socket write, a linger after a batch | the session closes; a write blocked for `WRITE_TIMEOUT_SEC` in all |
 //! | `rest-worker-N` | nothing; serves tiny_http requests | `Server::recv` | `Server::unblock` at shutdown |
 //! | tiny_http's own | its accept loop, and a parser for each of the [`RestBackends`] | unix socket reads | process exit |
 //!
@@ -39,7 +39,8 @@
 //!   (it appends numbers to frames serialized beforehand).
 //! - Exactly one thread writes to a WebSocket after its handshake: that session's writer. The
 //!   reader's automatic pong and close replies go to a sink and are re-sent through the writer.
-//! - No lock is held across I/O or a blocking send.
+//! - No lock is held across I/O or a blocking send. The broker wakes the writers it queued
+//!   events for after releasing its lock.
 //! - A connection is subscribed to a topic if and only if the broker holds its queue for it; a
 //!   connection cut as a slow consumer is removed from every topic under the same lock.
 //! - A subscribe ack and its replay are one item, built under the lock that registers the
@@ -1407,8 +1408,11 @@ mod broker {
         queued: AtomicUsize,
         /// Half the queue: a lingering writer is woken when `queued` reaches it.
         wake_at: usize,
-        /// The writer thread, known once it first lingers.
+        /// The writer thread, registered when it starts.
         writer: OnceLock<Thread>,
+        /// Set while the writer sleeps on an empty queue: whoever queues an item for it then
+        /// wakes it, the broker only after releasing its lock.
+        asleep: AtomicBool,
         /// Set while the writer is inside a socket write: a queue that fills then is the
         /// client's doing, not the server's.
         in_write: AtomicBool,
@@ -1431,7 +1435,6 @@ mod broker {
         /// the next wake-up writes a bigger batch, unless the queue is already half full or
         /// the session ends. Woken early when either happens meanwhile.
         pub fn linger(&self, time: Duration) {
-            self.writer.get_or_init(thread::current);
             let deadline = Instant::now() + time;
             // A wake-up between a check and the park is kept by the thread's token; a park
             // that returns for no reason parks again.
@@ -1444,6 +1447,24 @@ mod broker {
                 }
                 thread::park_timeout(left);
             }
+        }
+
+        /// Called by the writer thread before anything else.
+        pub fn register_writer(&self) {
+            let _ = self.writer.set(thread::current());
+        }
+
+        /// Called by the writer: true before it looks at its queue for the last time and then
+        /// sleeps, false once awake.
+        pub fn set_asleep(&self, asleep: bool) {
+            self.asleep.store(asleep, Ordering::SeqCst);
+        }
+
+        /// Called after queuing an item: true when the writer was asleep and the caller must
+        /// wake it ([`wake_writer`](Self::wake_writer)). An atomic swap, so that either the
+        /// writer's last look at its queue sees the item or this sees the writer asleep.
+        fn take_asleep(&self) -> bool {
+            self.asleep.swap(false, Ordering::SeqCst)
         }
 
         /// Marks the writer entering (true) or leaving (false) a socket write.
@@ -1509,8 +1530,9 @@ mod broker {
             queued >= self.wake_at
         }
 
-        /// Ends the writer's linger, if it lingers: a reply to the client's own request is
-        /// never held back.
+        /// Wakes the writer from its linger or its sleep on an empty queue: called by the
+        /// reader after queuing a reply (a reply to the client's own request is never held
+        /// back) and by the broker after queuing anything else.
         pub fn wake_writer(&self) {
             if let Some(writer) = self.writer.get() {
                 writer.unpark();
@@ -1754,6 +1776,7 @@ mod broker {
                 {
                     overflowed.push(subscriber.session);
                 }
+                subscriber.control.wake_writer();
             }
             for session in overflowed {
                 state.cut(session, Ending::SlowConsumer, None);
@@ -1921,11 +1944,11 @@ mod broker {
             event: &Unfinished,
             accepted_us: u32,
         ) -> Result<Published, BrokerError> {
-            let mut state = self.lock();
-            if state.closed {
+            let mut guard = self.lock();
+            if guard.closed {
                 return Err(BrokerError::Closed);
             }
-            let state = &mut *state;
+            let state = &mut *guard;
             let topic = state
                 .topics
                 .get_mut(name)
@@ -1954,6 +1977,7 @@ mod broker {
             let live = Arc::new(LiveEvent { frame, accepted_us });
             let mut overflowed = Vec::new();
             let mut behind = None;
+            let mut asleep = Vec::new();
             for subscriber in &topic.subscribers {
                 if subscriber.control.count_queued()
                     && behind.is_none()
@@ -1962,7 +1986,12 @@ mod broker {
                     behind = Some(Arc::clone(&subscriber.control));
                 }
                 match subscriber.tx.try_send(Outgoing::Event(Arc::clone(&live))) {
-                    Ok(()) => topic.delivered += 1,
+                    Ok(()) => {
+                        topic.delivered += 1;
+                        if subscriber.control.take_asleep() {
+                            asleep.push(Arc::clone(&subscriber.control));
+                        }
+                    }
                     Err(TrySendError::Full(_)) => {
                         overflowed.push((subscriber.session, Ending::SlowConsumer))
                     }
@@ -1979,6 +2008,12 @@ mod broker {
                 state.cut(session, why, Some((Arc::clone(&name), seq - 1)));
             }
             state.enforce_retention(self.limits.retained_bytes);
+            // Each wake-up is a system call that may hand the CPU to the writer it wakes: made
+            // under the lock, they held it for milliseconds per publish to many subscribers.
+            drop(guard);
+            for writer in asleep {
+                writer.wake_writer();
+            }
             Ok(Published {
                 seq,
                 duplicate: false,
@@ -3070,7 +3105,10 @@ fn run_session(
             .tx
             .send(Outgoing::Reply(Box::new(Reply::Close(code, reason))));
     }
+    // The writer may sleep on its queue: woken now, it finds the queue disconnected.
+    let control = Arc::clone(&session.control);
     drop(session);
+    control.wake_writer();
     join_quietly(writer);
     match end {
         ReadEnd::Failed(error) => Err(error),
@@ -3515,6 +3553,7 @@ impl Writer {
     /// Writes until the session closes, then drops the TCP connection, which also wakes the
     /// reader if it is still blocked on the socket.
     fn run(mut self) {
+        self.control.register_writer();
         let socket = Arc::clone(&self.ws.get_ref().socket);
         if let Err(error) = self.write_until_closed() {
             log::debug!("{}: writer stopped: {error}", self.peer);
@@ -3565,14 +3604,23 @@ impl Writer {
             let first = match self.rx.try_recv() {
                 Ok(item) => Some(item),
                 Err(TryRecvError::Disconnected) => return Ok(()),
-                Err(TryRecvError::Empty) => match self
-                    .rx
-                    .recv_timeout(next_heartbeat.saturating_duration_since(now))
-                {
-                    Ok(item) => Some(item),
-                    Err(RecvTimeoutError::Timeout) => None,
-                    Err(RecvTimeoutError::Disconnected) => return Ok(()),
-                },
+                Err(TryRecvError::Empty) => {
+                    // Asleep, then one last look: whoever queues after that look sees the flag
+                    // and wakes this thread. Any wake-up, or the heartbeat, ends the sleep.
+                    self.control.set_asleep(true);
+                    let item = match self.rx.try_recv() {
+                        Ok(item) => Some(item),
+                        Err(TryRecvError::Disconnected) => return Ok(()),
+                        Err(TryRecvError::Empty) => {
+                            if self.control.ending() == Ending::Open {
+                                thread::park_timeout(next_heartbeat.saturating_duration_since(now));
+                            }
+                            None
+                        }
+                    };
+                    self.control.set_asleep(false);
+                    item
+                }
             };
             if let Some(item) = first {
                 if self.write_item(item)? || self.write_ready()? {
@@ -5924,6 +5972,7 @@ mod tests {
         let (started_tx, started_rx) = mpsc::channel();
         let lingering = Arc::clone(control);
         let writer = thread::spawn(move || {
+            lingering.register_writer();
             let start = Instant::now();
             started_tx.send(()).unwrap();
             lingering.linger(time);
@@ -6002,6 +6051,29 @@ mod tests {
         let waited = wait(|writer| writer.count_written(5));
         assert!(waited < Duration::from_secs(5), "waited {waited:?}");
         assert!(!control.is_behind());
+    }
+
+    /// A writer asleep on its empty queue is woken by the publish that queues an event for it
+    /// (after the broker's lock is released), not by its heartbeat.
+    #[test]
+    fn a_publish_wakes_a_writer_asleep_on_its_queue() {
+        let (broker, rx, control) = broker_with_session(10, 10);
+        subscribe(&broker, Replay::LastN(0)).unwrap();
+        let (started_tx, started_rx) = mpsc::channel();
+        let writer = Arc::clone(&control);
+        let sleeper = thread::spawn(move || {
+            writer.register_writer();
+            writer.set_asleep(true);
+            let start = Instant::now();
+            started_tx.send(()).unwrap();
+            thread::park_timeout(Duration::from_secs(10));
+            start.elapsed()
+        });
+        started_rx.recv().unwrap();
+        publish(&broker, "t", "e").unwrap();
+        let slept = sleeper.join().unwrap();
+        assert!(slept < Duration::from_secs(5), "slept {slept:?}");
+        assert_eq!(rx.try_iter().count(), 1);
     }
 
     /// The end of a session, a slow-consumer cut or shutdown, ends a linger at once.
