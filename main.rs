@@ -1335,7 +1335,7 @@ impl Drop for SlotFiller {
 /// A module of its own so that its private fields keep "subscribed ⇔ holds a live queue" true.
 mod broker {
     use std::collections::{BTreeMap, HashMap, VecDeque};
-    use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+    use std::sync::atomic::{fence, AtomicBool, AtomicU8, AtomicUsize, Ordering};
     use std::sync::mpsc::{SyncSender, TrySendError};
     use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
     use std::thread::{self, Thread};
@@ -1413,6 +1413,8 @@ mod broker {
         /// Set while the writer sleeps on an empty queue: whoever queues an item for it then
         /// wakes it, the broker only after releasing its lock.
         asleep: AtomicBool,
+        /// Set by the reader when it queued a reply: it ends a linger, which events do not.
+        reply_waiting: AtomicBool,
         /// Set while the writer is inside a socket write: a queue that fills then is the
         /// client's doing, not the server's.
         in_write: AtomicBool,
@@ -1440,6 +1442,7 @@ mod broker {
             // that returns for no reason parks again.
             while self.queued.load(Ordering::Relaxed) < self.wake_at
                 && self.ending() == Ending::Open
+                && !self.reply_waiting.swap(false, Ordering::SeqCst)
             {
                 let left = deadline.saturating_duration_since(Instant::now());
                 if left.is_zero() {
@@ -1449,15 +1452,18 @@ mod broker {
             }
         }
 
-        /// Called by the writer thread before anything else.
-        pub fn register_writer(&self) {
-            let _ = self.writer.set(thread::current());
+        /// Registers the writer thread: by the reader once the writer is spawned, before
+        /// anything can be queued that needs a wake-up, and again by the writer (a no-op).
+        pub fn register_writer(&self, writer: Thread) {
+            let _ = self.writer.set(writer);
         }
 
         /// Called by the writer: true before it looks at its queue for the last time and then
         /// sleeps, false once awake.
         pub fn set_asleep(&self, asleep: bool) {
             self.asleep.store(asleep, Ordering::SeqCst);
+            // Orders the flag before that last look, whatever the channel's own orderings.
+            fence(Ordering::SeqCst);
         }
 
         /// Called after queuing an item: true when the writer was asleep and the caller must
@@ -1520,19 +1526,19 @@ mod broker {
             }
         }
 
-        /// Counts one event about to be queued; wakes a lingering writer at half the queue,
-        /// and says whether the queue is half full or more.
-        fn count_queued(&self) -> bool {
-            let queued = self.queued.fetch_add(1, Ordering::Relaxed) + 1;
-            if queued == self.wake_at {
-                self.wake_writer();
-            }
-            queued >= self.wake_at
+        /// Counts one event about to be queued; the count of queued events.
+        fn count_queued(&self) -> usize {
+            self.queued.fetch_add(1, Ordering::Relaxed) + 1
         }
 
-        /// Wakes the writer from its linger or its sleep on an empty queue: called by the
-        /// reader after queuing a reply (a reply to the client's own request is never held
-        /// back) and by the broker after queuing anything else.
+        /// Called by the reader after queuing a reply: a reply to the client's own request is
+        /// never held back by a linger.
+        pub fn wake_for_reply(&self) {
+            self.reply_waiting.store(true, Ordering::SeqCst);
+            self.wake_writer();
+        }
+
+        /// Wakes the writer from its sleep on an empty queue or from its linger.
         pub fn wake_writer(&self) {
             if let Some(writer) = self.writer.get() {
                 writer.unpark();
@@ -1718,6 +1724,18 @@ mod broker {
         control: Arc<SessionControl>,
         /// The topics this session is subscribed to: the reverse of `Topic::subscribers`.
         topics: Vec<Arc<str>>,
+    }
+
+    /// Writers to wake when dropped.
+    #[derive(Default)]
+    struct WakeOnDrop(Vec<Arc<SessionControl>>);
+
+    impl Drop for WakeOnDrop {
+        fn drop(&mut self) {
+            for writer in &self.0 {
+                writer.wake_writer();
+            }
+        }
     }
 
     impl Broker {
@@ -1944,6 +1962,10 @@ mod broker {
             event: &Unfinished,
             accepted_us: u32,
         ) -> Result<Published, BrokerError> {
+            // Declared before the guard, so dropped after it: writers are woken once the lock is
+            // released (each wake-up is a system call that may hand the CPU to the writer it
+            // wakes), and also if anything below panics.
+            let mut wakes = WakeOnDrop::default();
             let mut guard = self.lock();
             if guard.closed {
                 return Err(BrokerError::Closed);
@@ -1977,19 +1999,21 @@ mod broker {
             let live = Arc::new(LiveEvent { frame, accepted_us });
             let mut overflowed = Vec::new();
             let mut behind = None;
-            let mut asleep = Vec::new();
             for subscriber in &topic.subscribers {
-                if subscriber.control.count_queued()
-                    && behind.is_none()
-                    && subscriber.control.is_behind()
-                {
-                    behind = Some(Arc::clone(&subscriber.control));
+                let control = &subscriber.control;
+                let queued = control.count_queued();
+                if queued == control.wake_at {
+                    // Half the queue: a lingering writer must not linger on.
+                    wakes.0.push(Arc::clone(control));
+                }
+                if queued >= control.wake_at && behind.is_none() && control.is_behind() {
+                    behind = Some(Arc::clone(control));
                 }
                 match subscriber.tx.try_send(Outgoing::Event(Arc::clone(&live))) {
                     Ok(()) => {
                         topic.delivered += 1;
-                        if subscriber.control.take_asleep() {
-                            asleep.push(Arc::clone(&subscriber.control));
+                        if control.take_asleep() {
+                            wakes.0.push(Arc::clone(control));
                         }
                     }
                     Err(TrySendError::Full(_)) => {
@@ -2008,12 +2032,6 @@ mod broker {
                 state.cut(session, why, Some((Arc::clone(&name), seq - 1)));
             }
             state.enforce_retention(self.limits.retained_bytes);
-            // Each wake-up is a system call that may hand the CPU to the writer it wakes: made
-            // under the lock, they held it for milliseconds per publish to many subscribers.
-            drop(guard);
-            for writer in asleep {
-                writer.wake_writer();
-            }
             Ok(Published {
                 seq,
                 duplicate: false,
@@ -3075,7 +3093,10 @@ fn run_session(
         id: session.id,
     };
     let writer = match spawn_writer(socket, peer, shared, rx, control) {
-        Ok(handle) => handle,
+        Ok(handle) => {
+            session.control.register_writer(handle.thread().clone());
+            handle
+        }
         Err(error) => {
             shared.broker.close_session(session.id);
             close_try_again(socket, shared, &error);
@@ -3108,7 +3129,7 @@ fn run_session(
     // The writer may sleep on its queue: woken now, it finds the queue disconnected.
     let control = Arc::clone(&session.control);
     drop(session);
-    control.wake_writer();
+    control.wake_for_reply();
     join_quietly(writer);
     match end {
         ReadEnd::Failed(error) => Err(error),
@@ -3331,7 +3352,7 @@ fn read_requests(ws: &mut WebSocket<ReaderSocket>, session: &Session<'_>) -> Rea
                 {
                     return ReadEnd::WriterGone;
                 }
-                session.control.wake_writer();
+                session.control.wake_for_reply();
                 continue;
             }
             Message::Close(frame) => return ReadEnd::PeerClosed(frame.map(|f| f.code)),
@@ -3353,7 +3374,7 @@ fn read_requests(ws: &mut WebSocket<ReaderSocket>, session: &Session<'_>) -> Rea
         // Blocks while the queue is full: a client that sends faster than it reads is slowed
         // down, not cut. The reply of a request the session's cut interrupted still goes out.
         let sent = reply.is_none_or(|reply| session.tx.send(reply).is_ok());
-        session.control.wake_writer();
+        session.control.wake_for_reply();
         session.control.end_request();
         if !sent {
             return ReadEnd::WriterGone;
@@ -3553,7 +3574,7 @@ impl Writer {
     /// Writes until the session closes, then drops the TCP connection, which also wakes the
     /// reader if it is still blocked on the socket.
     fn run(mut self) {
-        self.control.register_writer();
+        self.control.register_writer(thread::current());
         let socket = Arc::clone(&self.ws.get_ref().socket);
         if let Err(error) = self.write_until_closed() {
             log::debug!("{}: writer stopped: {error}", self.peer);
@@ -5972,7 +5993,7 @@ mod tests {
         let (started_tx, started_rx) = mpsc::channel();
         let lingering = Arc::clone(control);
         let writer = thread::spawn(move || {
-            lingering.register_writer();
+            lingering.register_writer(thread::current());
             let start = Instant::now();
             started_tx.send(()).unwrap();
             lingering.linger(time);
@@ -6062,7 +6083,7 @@ mod tests {
         let (started_tx, started_rx) = mpsc::channel();
         let writer = Arc::clone(&control);
         let sleeper = thread::spawn(move || {
-            writer.register_writer();
+            writer.register_writer(thread::current());
             writer.set_asleep(true);
             let start = Instant::now();
             started_tx.send(()).unwrap();
@@ -6074,6 +6095,19 @@ mod tests {
         let slept = sleeper.join().unwrap();
         assert!(slept < Duration::from_secs(5), "slept {slept:?}");
         assert_eq!(rx.try_iter().count(), 1);
+    }
+
+    /// A reply to the client's own request ends a linger at once: events wait for the
+    /// linger's batch, replies never do.
+    #[test]
+    fn a_reply_ends_a_linger() {
+        let (_broker, _rx, control) = broker_with_session(10, 10);
+        let replied = Arc::clone(&control);
+        let lingered = linger_while(&control, Duration::from_secs(10), move || {
+            thread::sleep(Duration::from_millis(20));
+            replied.wake_for_reply();
+        });
+        assert!(lingered < Duration::from_secs(5), "lingered {lingered:?}");
     }
 
     /// The end of a session, a slow-consumer cut or shutdown, ends a linger at once.
