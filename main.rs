@@ -1452,8 +1452,9 @@ mod broker {
             }
         }
 
-        /// Registers the writer thread: by the reader once the writer is spawned, before
-        /// anything can be queued that needs a wake-up, and again by the writer (a no-op).
+        /// Registers the writer thread, from both sides, whichever comes first: by the writer
+        /// before it can first sleep (the broker only wakes a writer that marked itself
+        /// asleep), and by the reader from the spawn handle before it queues any reply.
         pub fn register_writer(&self, writer: Thread) {
             let _ = self.writer.set(writer);
         }
