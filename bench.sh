@@ -260,7 +260,7 @@ add_row "start-up (exec to GET /health)" "$WORK/ready.json" - "$(json_number "$W
 
 D=$DURATION
 run_scenario "fanout 1x100 max" fanout --topics 1 --subscribers 100 --rate max --duration "$D"
-# Not in the set: "max" paced by deliveries instead of acks (a publish stays in the
+# An extra row: "max" paced by deliveries instead of acks (a publish stays in the
 # window until every subscriber has it), the delivery capacity without slow-consumer cuts.
 run_scenario "fanout 1x100 max, paced by deliveries" fanout --topics 1 --subscribers 100 \
   --rate max --pace deliveries --duration "$D"

@@ -1,5 +1,5 @@
 //! The slow consumer: a subscriber whose queue overflows is cut, told why, and closed, while
-//! everyone else carries on (SPEC section 4, "Backpressure").
+//! everyone else carries on (docs/protocol.md, "Backpressure: the slow-consumer policy").
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

@@ -1,5 +1,5 @@
 //! Delivery of published events: exactly once, in order, to every subscriber of the topic and
-//! no other (SPEC section 4).
+//! no other (docs/protocol.md, "Semantics": Subscriptions and Fan-out).
 
 use std::thread;
 
@@ -192,7 +192,7 @@ fn a_publisher_subscribed_to_the_topic_receives_its_own_event() {
     let mut request = publish_request("orders", &id, json!({"mine": true}));
     request["request_id"] = json!("own");
     client.send_json(&request);
-    // The spec fixes no order between the ack and the event on the same connection.
+    // What this test protects is that both arrive, once each; it takes them in either order.
     let replies = [client.recv_json(), client.recv_json()];
     let ack = replies.iter().find(|reply| reply["type"] == "ack");
     let event = replies.iter().find(|reply| reply["type"] == "event");

@@ -1,4 +1,4 @@
-//! Heartbeats and the reaping of silent peers (SPEC section 4, "Heartbeat").
+//! Heartbeats and the reaping of silent peers (docs/protocol.md, "Semantics": Heartbeat).
 
 use std::time::{Duration, Instant};
 

@@ -6,8 +6,10 @@ use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use uuid::Uuid;
 
 use crate::harness::DEADLINE;
+use crate::ws_client::seq_field;
 
 /// A parsed HTTP response.
 #[derive(Debug)]
@@ -45,7 +47,8 @@ impl Response {
         self.json()
     }
 
-    /// Asserts `status` and the spec's error body `{"error":{"code":code,"message":"..."}}`.
+    /// Asserts `status` and the body every failure has (docs/protocol.md, "REST API"):
+    /// `{"error":{"code":code,"message":"..."}}`.
     pub fn expect_error(&self, status: u16, code: &str) {
         let body = self.expect_json(status);
         assert_eq!(body["error"]["code"], code, "wrong error code: {self:?}");
@@ -303,6 +306,38 @@ pub fn subscriber_count(addr: SocketAddr, topic: &str) -> u64 {
     stats["topics"][topic]["subscribers"]
         .as_u64()
         .unwrap_or_else(|| panic!("no subscriber count for {topic:?} in {stats}"))
+}
+
+/// `POST /topics/{topic}/messages` with `body`.
+pub fn post_message(addr: SocketAddr, topic: &str, body: &str) -> Response {
+    post(addr, &format!("/topics/{topic}/messages"), body)
+}
+
+/// Publishes `payload` (JSON text) over HTTP under a fresh id; checks the whole 201 reply and
+/// returns the `seq` it gave.
+pub fn publish_over_http(addr: SocketAddr, topic: &str, payload: &str) -> u64 {
+    let id = Uuid::new_v4().to_string();
+    let body = format!(r#"{{"id":"{id}","payload":{payload}}}"#);
+    let reply = post_message(addr, topic, &body).expect_json(201);
+    let seq = seq_field(&reply);
+    let expected = json!({"status": "published", "topic": topic, "id": id, "seq": seq});
+    assert_eq!(reply, expected);
+    seq
+}
+
+/// `GET /topics/{topic}/messages{query}`, checked to be a 200.
+pub fn history(addr: SocketAddr, topic: &str, query: &str) -> Value {
+    get(addr, &format!("/topics/{topic}/messages{query}")).expect_json(200)
+}
+
+/// The `seq`s of a history reply's messages.
+pub fn history_seqs(history: &Value) -> Vec<u64> {
+    history["messages"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no `messages` array: {history}"))
+        .iter()
+        .map(seq_field)
+        .collect()
 }
 
 fn is_timeout(error: &std::io::Error) -> bool {

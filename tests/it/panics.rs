@@ -3,6 +3,9 @@
 //! lock. The poisoned lock is recovered: the panicking connection is closed (1011) and its
 //! subscriptions are gone, everyone else carries on, and the process lives. Over HTTP publish,
 //! the request gets a 500 error and the REST workers live on.
+//!
+//! A release build has no such hook, so this module is compiled only with debug assertions
+//! (`cargo test`, not `cargo test --release`).
 
 use serde_json::json;
 use tungstenite::protocol::frame::coding::CloseCode;

@@ -1,5 +1,5 @@
 //! Replay of the latest events on subscribe (`last_n`) and its hand-over to live events
-//! (SPEC section 4).
+//! (docs/protocol.md, "Semantics": Replay).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;

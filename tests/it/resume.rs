@@ -75,7 +75,7 @@ fn publish_acks_and_events_carry_consecutive_seqs_from_1() {
         });
         assert_eq!(without_ts(event), expected_event);
     }
-    // The whole publish ack: the issue-1 fields plus `seq`.
+    // The whole publish ack: `type`, `request_id`, `status` and `topic` (and `ts`), plus `seq`.
     publisher.send_json(&json!({
         "type": "publish",
         "request_id": "p6",

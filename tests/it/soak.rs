@@ -250,7 +250,7 @@ fn mid_handshake_vanish(addr: SocketAddr, random: &mut XorShift, tally: &mut Tal
 }
 
 /// REST on one keep-alive connection, one request at a time (pipelined requests may run out
-/// of order: see `adversarial_http`): a scratch topic created, published to, read and
+/// of order: see `http`): a scratch topic created, published to, read and
 /// deleted, a publish to a shared topic, `/stats`; sometimes gone in the middle of a body.
 fn rest_session(addr: SocketAddr, worker: usize, random: &mut XorShift, tally: &mut Tally) {
     let scratch = format!("scratch-{worker}-{}", random.below(1000));

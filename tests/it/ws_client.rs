@@ -135,7 +135,7 @@ impl WsClient {
         }
     }
 
-    /// The next text frame as JSON, checked to carry the spec's `ts` (every server message
+    /// The next text frame as JSON, checked to carry `ts` (every server message
     /// does, so every test checks it).
     pub fn recv_json(&mut self) -> Value {
         let text = self.recv_text();

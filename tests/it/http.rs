@@ -1,7 +1,8 @@
-//! Malformed and hostile HTTP: truncated and garbage request heads,
-//! bad methods and versions, oversized request lines and headers, request smuggling attempts and
-//! lying `Content-Length`s. Each gets a 4xx or a close, never a 5xx, and the server keeps
-//! serving everyone else.
+//! HTTP/1.1 itself, before any route: malformed and hostile request heads (truncated, garbage,
+//! bad methods and versions, random mutations), the absolute form of a request target, request
+//! lines over 8 KiB (`414`) and oversized headers, smuggling attempts (conflicting framing),
+//! lying `Content-Length`s, pipelining, and strict, bounded chunked framing. Bad input gets a
+//! 4xx JSON error or a close, never a 5xx, and the server keeps serving everyone else.
 
 use std::collections::BTreeSet;
 use std::io::Write;
@@ -15,7 +16,7 @@ use serde_json::{json, Value};
 
 use crate::harness::{wait_until, Server, XorShift, DEADLINE};
 use crate::http_client::{
-    create_topic, exchange, get, health, http, try_http_raw, RawExchange, Response,
+    create_topic, exchange, get, health, http, http_raw, try_http_raw, RawExchange, Response,
 };
 
 /// The handshake deadline of these servers: a head that never completes is cut after it.
@@ -346,6 +347,38 @@ fn http_2_request_lines_do_not_use_up_the_connection_slots() {
         http(server.addr, "GET", "/health", &[], "").status == 200
     });
     eprintln!("slots free again after {:?}", started.elapsed());
+}
+
+#[test]
+fn a_malformed_request_never_gets_a_5xx_and_the_server_carries_on() {
+    let server = Server::start();
+    let malformed: [&[u8]; 3] = [
+        b"GARBAGE\r\n\r\n",
+        b"POST /topics HTTP/1.1\r\nContent-Length: nope\r\nConnection: close\r\n\r\n{}",
+        b"\x00\xff\x10\r\n\r\n",
+    ];
+    for request in malformed {
+        if let Some(response) = try_http_raw(server.addr, request) {
+            assert!(
+                (400..500).contains(&response.status),
+                "{:?} answered {response:?}",
+                String::from_utf8_lossy(request)
+            );
+        }
+    }
+    health(server.addr);
+}
+
+/// RFC 9112 3.2.2: a server accepts the absolute form of a request target, as proxies send it.
+#[test]
+fn an_absolute_form_request_target_is_served() {
+    let server = Server::start();
+    let request = format!(
+        "GET http://{}/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        server.addr
+    );
+    let health = http_raw(server.addr, request.as_bytes()).expect_json(200);
+    assert!(health["uptime_sec"].is_u64(), "{health}");
 }
 
 #[test]

@@ -1,7 +1,8 @@
-//! Shutdown under load: publishers (WebSocket and HTTP) and readers running, then
-//! SIGTERM. Every message acked to a publisher reaches every subscriber that kept reading, in
-//! order and without a gap, before `info server_shutdown` and close 1001; the process exits 0
-//! within `SHUTDOWN_GRACE_SEC`.
+//! Graceful shutdown on SIGTERM and SIGINT: queued events delivered, then
+//! `info server_shutdown`, then close 1001, and exit 0 within `SHUTDOWN_GRACE_SEC`; at once
+//! when idle, and no later than the grace period with a client that never reads. Under load
+//! (WebSocket and HTTP publishers, readers), every message acked before SIGTERM reaches every
+//! reader that kept reading, in order and without a gap.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -18,14 +19,96 @@ use uuid::Uuid;
 
 use crate::harness::{wait_until, Server};
 use crate::http_client::{create_topic, read_until_closed};
-use crate::ws_client::{publish_request, WsClient};
+use crate::ws_client::{publish_request, without_ts, WsClient};
 
-const GRACE_SECS: &str = "3";
-const GRACE: Duration = Duration::from_secs(3);
-
-/// How much longer than the grace period the process may take to exit.
+/// How much longer than `SHUTDOWN_GRACE_SEC` the process may take to exit.
 const EXIT_MARGIN: Duration = Duration::from_secs(3);
 
+#[test]
+fn sigterm_delivers_queued_events_then_shutdown_info_then_1001() {
+    assert_graceful_shutdown("TERM");
+}
+
+#[test]
+fn sigint_delivers_queued_events_then_shutdown_info_then_1001() {
+    assert_graceful_shutdown("INT");
+}
+
+/// With subscribers that have not read yet, `signal` must still deliver every acked event, then
+/// `info server_shutdown`, then close 1001 on every connection, and the process exits 0.
+fn assert_graceful_shutdown(signal: &str) {
+    const GRACE: Duration = Duration::from_secs(2);
+    let mut server = Server::start_with(&[("SHUTDOWN_GRACE_SEC", "2")]);
+    create_topic(server.addr, "orders");
+    let mut subscribers: Vec<WsClient> = (0..2)
+        .map(|_| {
+            let mut subscriber = WsClient::connect(server.addr);
+            subscriber.subscribe("orders", None);
+            subscriber
+        })
+        .collect();
+    let mut publisher = WsClient::connect(server.addr);
+    publisher.publish_sequence("orders", 0..20);
+
+    server.signal(signal);
+    for subscriber in &mut subscribers {
+        assert_eq!(
+            subscriber.recv_sequence("orders", 20),
+            (0..20).collect::<Vec<_>>()
+        );
+    }
+    for client in subscribers.iter_mut().chain([&mut publisher]) {
+        let expected = json!({"type": "info", "msg": "server_shutdown"});
+        assert_eq!(without_ts(client.recv_json()), expected);
+        assert_eq!(client.expect_close(), CloseCode::Away);
+    }
+    let status = server
+        .wait_exit(GRACE + EXIT_MARGIN)
+        .expect("the server did not exit");
+    assert_eq!(status.code(), Some(0), "{status}");
+}
+
+#[test]
+fn an_idle_server_exits_promptly_on_sigterm() {
+    let mut server = Server::start_with(&[("SHUTDOWN_GRACE_SEC", "30")]);
+    let _idle_client = WsClient::connect(server.addr);
+    server.sigterm();
+    let status = server
+        .wait_exit(EXIT_MARGIN)
+        .expect("nothing to flush, yet no prompt exit");
+    assert_eq!(status.code(), Some(0), "{status}");
+}
+
+#[test]
+fn shutdown_stops_flushing_a_stuck_client_after_the_grace_period() {
+    const GRACE: Duration = Duration::from_secs(1);
+    let mut server = Server::start_with(&[
+        ("SHUTDOWN_GRACE_SEC", "1"),
+        ("QUEUE_SIZE", "100000"),
+        ("WRITE_TIMEOUT_SEC", "60"),
+    ]);
+    create_topic(server.addr, "orders");
+    // Subscribed, then never reads again: its socket buffers fill and its writer blocks.
+    let mut stuck = WsClient::connect(server.addr);
+    stuck.subscribe("orders", None);
+    let mut publisher = WsClient::connect(server.addr);
+    let filler = "x".repeat(64 * 1024);
+    for seq in 0..200 {
+        publisher.publish("orders", json!({"seq": seq, "filler": filler}));
+    }
+
+    server.sigterm();
+    let status = server
+        .wait_exit(GRACE + EXIT_MARGIN)
+        .expect("shutdown outlasted the grace period");
+    assert_eq!(status.code(), Some(0), "{status}");
+}
+
+/// `SHUTDOWN_GRACE_SEC` of the server under load, as configured and as a duration.
+const LOAD_GRACE_SECS: &str = "3";
+const LOAD_GRACE: Duration = Duration::from_secs(3);
+
+/// The subscribers reading to the end, and the WebSocket publishers (one HTTP publisher too).
 const READERS: usize = 4;
 const WS_PUBLISHERS: usize = 3;
 
@@ -177,7 +260,7 @@ fn reader(mut client: WsClient, start_reading: Arc<AtomicBool>) -> Received {
 #[test]
 fn every_message_acked_before_sigterm_reaches_every_reader_and_the_process_exits_0() {
     let mut server = Server::start_with(&[
-        ("SHUTDOWN_GRACE_SEC", GRACE_SECS),
+        ("SHUTDOWN_GRACE_SEC", LOAD_GRACE_SECS),
         ("QUEUE_SIZE", "100000"),
         ("LOG_LEVEL", "INFO"),
     ]);
@@ -217,7 +300,7 @@ fn every_message_acked_before_sigterm_reaches_every_reader_and_the_process_exits
     server.sigterm();
     let signalled = Instant::now();
     let status = server
-        .wait_exit(GRACE + EXIT_MARGIN)
+        .wait_exit(LOAD_GRACE + EXIT_MARGIN)
         .expect("the server did not exit within the grace period and a margin");
     let exit_after = signalled.elapsed();
     assert_eq!(status.code(), Some(0), "{status}");

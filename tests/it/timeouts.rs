@@ -1,4 +1,4 @@
-//! Slow and silent clients: a slowloris that trickles its request
+//! Deadlines for slow and silent clients: a slowloris that trickles its request
 //! head, a client that connects and says nothing, and subscribers that never read. Each is cut
 //! by its deadline (`HANDSHAKE_TIMEOUT_SEC`) or by the slow-consumer rule and `WRITE_TIMEOUT_SEC`,
 //! while a normal client's round trips stay fast.

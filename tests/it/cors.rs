@@ -1,19 +1,19 @@
-//! Browsers and probes: `CORS_ORIGINS` on REST and on the WebSocket upgrade, the
-//! live console at `GET /` (`CONSOLE=off`), and `pubsub-backend healthcheck`, the Docker
-//! image's probe. The console driven by a real Chromium is tests/browser/console.mjs.
+//! `CORS_ORIGINS`: preflights answered for every route without the key, `Access-Control-*`
+//! headers only for allowed origins (errors included), `*` for any origin, nothing at all when
+//! unset, and the `Origin` check on the WebSocket upgrade (403), alongside the key.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener};
-use std::thread;
+use std::net::SocketAddr;
 
 use serde_json::json;
 
-use crate::harness::{run_to_exit, Server};
-use crate::http_client::{get, http, upgrade, Response};
+use crate::harness::Server;
+use crate::http_client::{http, upgrade, Response};
 use crate::ws_client::WsClient;
 
 const APP: &str = "https://app.example.com";
+
 const LOCAL_APP: &str = "http://localhost:3000";
+
 const EVIL: &str = "https://evil.example.net";
 
 /// Both allowed origins, written as an operator might: spaces, a trailing slash.
@@ -270,186 +270,4 @@ fn origin_and_api_key_are_both_required_on_the_upgrade() {
     WsClient::try_connect(server.addr, &with_key, &[("Origin", APP)])
         .unwrap_or_else(|error| panic!("allowed origin with the key refused: {error}"))
         .ping();
-}
-
-/// Element ids the console's page has and tests/browser/console.mjs drives.
-const CONSOLE_IDS: [&str; 12] = [
-    "api-key",
-    "topic-name",
-    "create-topic",
-    "topics",
-    "sub-topic",
-    "sub-last-n",
-    "subscribe",
-    "pub-topic",
-    "pub-payload",
-    "publish",
-    "events",
-    "ws-status",
-];
-
-/// Asserts `response` is the console: a self-contained HTML page.
-fn assert_console(response: &Response) {
-    assert_eq!(response.status, 200, "{response:?}");
-    let content_type = response.header("content-type").unwrap_or_default();
-    assert!(
-        content_type.starts_with("text/html"),
-        "Content-Type {content_type:?}"
-    );
-    let page = &response.body;
-    assert!(
-        page.trim_start()
-            .to_ascii_lowercase()
-            .starts_with("<!doctype html>"),
-        "not an HTML page: {}",
-        &page[..page.len().min(200)]
-    );
-    for id in CONSOLE_IDS {
-        assert!(
-            page.contains(&format!("id=\"{id}\"")),
-            "no #{id} in the page"
-        );
-    }
-    // Self-contained: no external scripts, styles, fonts or images.
-    for reference in ["src=", "<link", "@import", "url(", "http://", "https://"] {
-        assert!(
-            !page.contains(reference),
-            "the console refers to something outside itself ({reference})"
-        );
-    }
-}
-
-#[test]
-fn get_slash_serves_the_console() {
-    let server = Server::start();
-    assert_console(&get(server.addr, "/"));
-}
-
-#[test]
-fn the_console_page_needs_no_key_but_the_api_still_does() {
-    let server = Server::start_with(&[("API_KEY", KEY)]);
-    assert_console(&get(server.addr, "/"));
-    get(server.addr, "/topics").expect_error(401, "UNAUTHORIZED");
-    // Only GET is open: the page is not a way around the key.
-    http(server.addr, "POST", "/", &[], "{}").expect_error(401, "UNAUTHORIZED");
-}
-
-#[test]
-fn console_off_turns_the_page_into_a_404() {
-    for value in ["off", "OFF", "false", "0"] {
-        let server = Server::start_with(&[("CONSOLE", value)]);
-        get(server.addr, "/").expect_error(404, "NOT_FOUND");
-        get(server.addr, "/health").expect_json(200);
-    }
-    let server = Server::start_with(&[("CONSOLE", "on")]);
-    assert_console(&get(server.addr, "/"));
-}
-
-#[test]
-fn an_invalid_console_or_cors_setting_stops_start_up() {
-    for (variable, value) in [("CONSOLE", "maybe"), ("CORS_ORIGINS", " , ")] {
-        let run = run_to_exit(&[], &[(variable, value)]);
-        assert_eq!(run.code, Some(2), "{variable}={value:?}: {run:?}");
-        assert!(run.stderr.contains(variable), "{run:?}");
-    }
-}
-
-/// `pubsub-backend healthcheck` against port `port` of 127.0.0.1.
-fn healthcheck(port: u16, overrides: &[(&str, &str)]) -> crate::harness::Finished {
-    let port = port.to_string();
-    let mut env = vec![("PORT", port.as_str())];
-    env.extend_from_slice(overrides);
-    run_to_exit(&["healthcheck"], &env)
-}
-
-#[test]
-fn healthcheck_exits_0_when_the_server_answers() {
-    let server = Server::start_with(&[("API_KEY", KEY)]);
-    let port = server.addr.port();
-    // /health needs no key, so neither does the probe; HOST=0.0.0.0 (a container's) means
-    // this machine's loopback.
-    for host in ["127.0.0.1", "0.0.0.0"] {
-        let run = healthcheck(port, &[("HOST", host)]);
-        assert_eq!(run.code, Some(0), "HOST={host}: {run:?}");
-        assert_eq!(run.stderr, "", "{run:?}");
-    }
-    // The flag overrides the environment, as for the server.
-    let flag = run_to_exit(
-        &["healthcheck", "--port", &port.to_string()],
-        &[("PORT", "1")],
-    );
-    assert_eq!(flag.code, Some(0), "{flag:?}");
-}
-
-/// A port nothing listens on (bound, then released).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Asserts a failed probe: non-zero exit and one line on stderr.
-fn assert_unhealthy(run: &crate::harness::Finished, mentions: &str) {
-    assert!(
-        matches!(run.code, Some(code) if code != 0),
-        "exit code {:?}: {run:?}",
-        run.code
-    );
-    let lines: Vec<&str> = run.stderr.lines().filter(|line| !line.is_empty()).collect();
-    assert_eq!(lines.len(), 1, "not one stderr line: {run:?}");
-    assert!(lines[0].contains(mentions), "{run:?}");
-}
-
-#[test]
-fn healthcheck_fails_with_one_line_when_nothing_listens() {
-    let port = free_port();
-    let run = healthcheck(port, &[]);
-    assert_unhealthy(&run, &port.to_string());
-}
-
-/// Serves one connection with `answer` (after reading the request), or with silence.
-fn fake_server(answer: Option<&'static str>) -> (u16, thread::JoinHandle<()>) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let handle = thread::spawn(move || {
-        let (mut stream, _) = listener.accept().unwrap();
-        // The whole request head first, however many writes it came in.
-        let mut request = Vec::new();
-        let mut chunk = [0u8; 1024];
-        while !request.windows(4).any(|window| window == b"\r\n\r\n") {
-            match stream.read(&mut chunk) {
-                Ok(0) | Err(_) => return,
-                Ok(n) => request.extend_from_slice(&chunk[..n]),
-            }
-        }
-        match answer {
-            Some(answer) => {
-                let _ = stream.write_all(answer.as_bytes());
-            }
-            // Hold the connection until the probe gives up and closes it.
-            None => while stream.read(&mut chunk).is_ok_and(|n| n > 0) {},
-        }
-    });
-    (port, handle)
-}
-
-#[test]
-fn healthcheck_fails_when_health_is_not_200() {
-    let answer =
-        "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
-    let (port, server) = fake_server(Some(answer));
-    let run = healthcheck(port, &[]);
-    assert_unhealthy(&run, "503");
-    server.join().unwrap();
-}
-
-#[test]
-fn healthcheck_gives_up_on_a_server_that_never_answers() {
-    // run_to_exit allows 5 s: within Docker's --timeout=5s of the image's HEALTHCHECK.
-    let (port, server) = fake_server(None);
-    let run = healthcheck(port, &[]);
-    assert_unhealthy(&run, &port.to_string());
-    server.join().unwrap();
 }

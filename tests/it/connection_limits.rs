@@ -1,5 +1,6 @@
-//! Connection floods: more connections than `MAX_CONNECTIONS`, and more than
-//! the operating system gives the process in file descriptors or threads. The excess is refused
+//! Connection limits: `MAX_CONNECTIONS` (`auto` by default, derived from the open-files limit),
+//! and floods of more connections than it allows or than the operating system gives the process
+//! in file descriptors or threads. The excess is refused
 //! cleanly with a 503 and a JSON error, the refusals are logged at most once a second, and the
 //! server recovers fully when the flood stops.
 
