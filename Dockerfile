@@ -49,14 +49,15 @@ COPY --from=build /app/target/release/pubsub-backend /pubsub-backend
 # server binds an unprivileged port, so it needs no root at all.
 USER 65534:65534
 
-# The server's defaults, spelled out so `docker inspect` shows them and so
-# they can be overridden one by one with `docker run -e`. HOST must be
-# 0.0.0.0 in a container, or the published port reaches nothing.
+# Only what differs in a container: the server's own settings table is the
+# only source of defaults (`pubsub-backend --help` prints it, README.md's
+# Configuration section documents it); override any setting with
+# `docker run -e NAME=VALUE`. HOST must be 0.0.0.0 in a container, or the
+# published port reaches nothing. PORT=8000 is the server's default too, but
+# it is stated here on purpose: `EXPOSE 8000` below and docker-compose.yml's
+# port mapping depend on it, and should not silently follow a new default.
 ENV HOST=0.0.0.0 \
-    PORT=8000 \
-    RING_SIZE=100 \
-    QUEUE_SIZE=100 \
-    LOG_LEVEL=INFO
+    PORT=8000
 
 EXPOSE 8000
 
