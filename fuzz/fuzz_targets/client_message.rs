@@ -9,8 +9,8 @@
 //!    odd number spellings, strings with escapes and lone surrogates, arrays, objects, nesting up
 //!    to thousands deep), duplicated keys, and sometimes a token that is not JSON.
 //!
-//! Besides "never panics" (and no stack overflow: deep inputs run on a thread with the server's
-//! 256 KiB connection stack), it checks:
+//! Besides "never panics" (and no stack overflow: deep inputs run on a thread with the stack of
+//! a session's threads, `SESSION_STACK_SIZE`), it checks:
 //! - a rejection always has a non-empty message;
 //! - an accepted request was a JSON object (by a JSON validator written here, independently of
 //!   serde_json), its topic follows the naming rule (1 to 128 of A-Z a-z 0-9 _ - . :), its
@@ -29,9 +29,10 @@
 //!   publish around a generated payload (keys with escapes, surrogate pairs, raw non-ASCII, lone
 //!   surrogates, nesting around 124, numbers past f64), and a fourth around the input's text.
 //!
-//! The fields of `ClientRequest` and `Rejection` are private to main.rs, so the checks read them
-//! from their `Debug` output (a small parser below; a Rust string literal in `Debug` form is
-//! unambiguous).
+//! The checks read the fields of `ClientRequest` (its `Operation`, the payload's `RawValue`) and
+//! of `Rejection` directly; they are `pub(crate)` in main.rs, which this crate includes as a
+//! module. The oracles themselves (the JSON validator, the readability rule, the topic rule) are
+//! written here, independently of the server's parser.
 #![no_main]
 
 use arbitrary::{Result as ArbResult, Unstructured};
@@ -43,10 +44,9 @@ use serde_json::Value;
 #[allow(dead_code, unused_imports, unused_macros, clippy::all)]
 mod server;
 
-use server::ClientRequest;
-
-/// `SESSION_STACK_SIZE` in main.rs: the stack the server parses requests on.
-const SERVER_STACK: usize = 256 * 1024;
+use server::broker::Replay;
+use server::protocol::{ClientRequest, Operation};
+use server::ws::SESSION_STACK_SIZE;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(text) = std::str::from_utf8(data) {
@@ -84,7 +84,7 @@ fn check(text: &str, wrapped: Option<&str>) {
     let owned = text.to_owned();
     let wrapped = wrapped.map(str::to_owned);
     let worker = std::thread::Builder::new()
-        .stack_size(SERVER_STACK)
+        .stack_size(SESSION_STACK_SIZE)
         .spawn(move || check_on_this_thread(&owned, wrapped.as_deref()))
         .expect("spawn checker thread");
     if let Err(panic) = worker.join() {
@@ -94,27 +94,18 @@ fn check(text: &str, wrapped: Option<&str>) {
 
 fn check_on_this_thread(text: &str, wrapped: Option<&str>) {
     // The payload accepted, or why the request was refused.
-    let outcome: Result<Option<String>, String> = match ClientRequest::parse(text) {
+    let outcome: Result<Option<&str>, String> = match ClientRequest::parse(text) {
         Err(rejection) => {
-            let debug = format!("{rejection:?}");
-            // `Rejection { request_id: …, message: "…" }`: the message is the last field.
             assert!(
-                debug.starts_with("Rejection { ") && debug.ends_with("\" }"),
-                "unexpected Debug form of Rejection: {debug}"
+                !rejection.message.is_empty(),
+                "empty rejection message for {text:?}: {rejection:?}"
             );
-            assert!(
-                !debug.ends_with("message: \"\" }"),
-                "empty rejection message for {text:?}: {debug}"
-            );
-            Err(debug)
+            Err(format!("{rejection:?}"))
         }
         Ok(request) => {
-            let debug = format!("{request:?}");
-            let accepted = parse_debug(&debug)
-                .unwrap_or_else(|| panic!("unexpected Debug form of ClientRequest: {debug}"));
-            check_accepted(text, &accepted);
-            Ok(match accepted.op {
-                Op::Publish { payload, .. } => Some(payload),
+            check_accepted(text, &request);
+            Ok(match request.op {
+                Operation::Publish { payload, .. } => Some(payload.get()),
                 _ => None,
             })
         }
@@ -137,11 +128,11 @@ fn check_on_this_thread(text: &str, wrapped: Option<&str>) {
 
 /// The rule for a publish well formed but for its payload: accepted, with the payload verbatim,
 /// exactly when the payload is readable.
-fn check_readability_rule(text: &str, payload: &str, outcome: &Result<Option<String>, String>) {
+fn check_readability_rule(text: &str, payload: &str, outcome: &Result<Option<&str>, String>) {
     let verdict = payload_verdict(payload);
     match (verdict, outcome) {
         (Verdict::Readable | Verdict::Either, Ok(accepted)) => assert_eq!(
-            accepted.as_deref(),
+            *accepted,
             Some(payload),
             "accepted payload is not the payload's bytes verbatim, in {text:?}"
         ),
@@ -157,68 +148,37 @@ fn check_readability_rule(text: &str, payload: &str, outcome: &Result<Option<Str
     }
 }
 
-/// What `ClientRequest::parse` accepted, read back from its `Debug` output.
-#[derive(Debug)]
-struct Accepted {
-    request_id: Option<String>,
-    op: Op,
-}
-
-#[derive(Debug)]
-enum Op {
-    Subscribe {
-        topic: String,
-        client_id: String,
-        replay: Replay,
-    },
-    Unsubscribe {
-        topic: String,
-        client_id: String,
-    },
-    Publish {
-        topic: String,
-        id: String,
-        payload: String,
-    },
-    Ping,
-}
-
-#[derive(Debug)]
-enum Replay {
-    LastN(u64),
-    Since { seq: u64, epoch: String },
-}
-
-fn check_accepted(text: &str, accepted: &Accepted) {
+fn check_accepted(text: &str, accepted: &ClientRequest<'_>) {
     assert!(
         text.trim_start().starts_with('{'),
         "accepted something other than an object: {text:?}"
     );
     assert!(valid_json(text), "accepted invalid JSON: {text:?}");
     match &accepted.op {
-        Op::Subscribe {
+        Operation::Subscribe {
             topic, client_id, ..
         }
-        | Op::Unsubscribe { topic, client_id } => {
+        | Operation::Unsubscribe { topic, client_id } => {
             assert_topic(topic, text);
             assert!(
                 !client_id.is_empty(),
                 "accepted an empty client_id: {text:?}"
             );
         }
-        Op::Publish { topic, id, payload } => {
+        Operation::Publish { topic, id, payload } => {
+            let payload = payload.get();
             assert_topic(topic, text);
             assert!(
                 uuid::Uuid::try_parse(id).is_ok(),
                 "accepted a message id that is not a UUID: {id:?} in {text:?}"
             );
             assert!(
-                text.contains(payload.as_str()),
+                text.contains(payload),
                 "payload is not the client's bytes: {payload:?} from {text:?}"
             );
             check_payload_reserializes(payload, text);
         }
-        Op::Ping => {}
+        Operation::Ping => {}
     }
     // Compare with serde_json's own tree where it can build one (it cannot past 128 levels of
     // nesting or for numbers out of f64's range, which a raw payload may hold).
@@ -306,7 +266,7 @@ fn has_surrogate_escape(json: &str) -> bool {
     })
 }
 
-fn check_against_tree(tree: &Value, accepted: &Accepted, text: &str) {
+fn check_against_tree(tree: &Value, accepted: &ClientRequest<'_>, text: &str) {
     let object = tree
         .as_object()
         .unwrap_or_else(|| panic!("accepted a non-object: {text:?}"));
@@ -317,7 +277,7 @@ fn check_against_tree(tree: &Value, accepted: &Accepted, text: &str) {
         "request_id differs from the JSON's, in {text:?}"
     );
     let (kind, topic) = match &accepted.op {
-        Op::Subscribe {
+        Operation::Subscribe {
             topic,
             client_id,
             replay,
@@ -347,7 +307,7 @@ fn check_against_tree(tree: &Value, accepted: &Accepted, text: &str) {
             }
             ("subscribe", Some(topic))
         }
-        Op::Unsubscribe { topic, client_id } => {
+        Operation::Unsubscribe { topic, client_id } => {
             assert_eq!(
                 Some(client_id),
                 string("client_id").as_ref(),
@@ -355,7 +315,7 @@ fn check_against_tree(tree: &Value, accepted: &Accepted, text: &str) {
             );
             ("unsubscribe", Some(topic))
         }
-        Op::Publish { topic, id, payload } => {
+        Operation::Publish { topic, id, payload } => {
             let message = &object["message"];
             // Ids are accepted in any UUID spelling and kept in the canonical one.
             let canonical = message["id"]
@@ -363,143 +323,16 @@ fn check_against_tree(tree: &Value, accepted: &Accepted, text: &str) {
                 .and_then(|sent| uuid::Uuid::try_parse(sent).ok())
                 .map(|uuid| uuid.hyphenated().to_string());
             assert_eq!(canonical.as_ref(), Some(id), "message.id in {text:?}");
-            if let Ok(direct) = serde_json::from_str::<Value>(payload) {
+            if let Ok(direct) = serde_json::from_str::<Value>(payload.get()) {
                 assert_eq!(message["payload"], direct, "payload in {text:?}");
             }
             ("publish", Some(topic))
         }
-        Op::Ping => ("ping", None),
+        Operation::Ping => ("ping", None),
     };
     assert_eq!(string("type").as_deref(), Some(kind), "type in {text:?}");
     if let Some(topic) = topic {
         assert_eq!(string("topic").as_ref(), Some(topic), "topic in {text:?}");
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Reading `Debug` output back.
-
-/// Parses `ClientRequest { request_id: None | Some("…"), op: … }`.
-fn parse_debug(debug: &str) -> Option<Accepted> {
-    let mut c = Cursor(debug);
-    c.eat("ClientRequest { request_id: ")?;
-    let request_id = c.option_string()?;
-    c.eat(", op: ")?;
-    let op = if c.eat("Ping").is_some() {
-        Op::Ping
-    } else if c.eat("Subscribe { topic: ").is_some() {
-        let topic = c.string()?;
-        c.eat(", client_id: ")?;
-        let client_id = c.string()?;
-        c.eat(", replay: ")?;
-        let replay = if c.eat("LastN(").is_some() {
-            let n = c.number()?;
-            c.eat(")")?;
-            Replay::LastN(n)
-        } else {
-            c.eat("Since { seq: ")?;
-            let seq = c.number()?;
-            c.eat(", epoch: ")?;
-            let epoch = c.string()?;
-            c.eat(" }")?;
-            Replay::Since { seq, epoch }
-        };
-        c.eat(" }")?;
-        Op::Subscribe {
-            topic,
-            client_id,
-            replay,
-        }
-    } else if c.eat("Unsubscribe { topic: ").is_some() {
-        let topic = c.string()?;
-        c.eat(", client_id: ")?;
-        let client_id = c.string()?;
-        c.eat(" }")?;
-        Op::Unsubscribe { topic, client_id }
-    } else {
-        c.eat("Publish { topic: ")?;
-        let topic = c.string()?;
-        c.eat(", id: ")?;
-        let id = c.string()?;
-        c.eat(", payload: RawValue(")?;
-        // The payload is the raw JSON text, and the last thing in the output.
-        let payload = c.0.strip_suffix(") } }")?.to_owned();
-        return Some(Accepted {
-            request_id,
-            op: Op::Publish { topic, id, payload },
-        });
-    };
-    c.eat(" }")?;
-    c.0.is_empty().then_some(Accepted { request_id, op })
-}
-
-struct Cursor<'a>(&'a str);
-
-impl Cursor<'_> {
-    fn eat(&mut self, prefix: &str) -> Option<()> {
-        self.0 = self.0.strip_prefix(prefix)?;
-        Some(())
-    }
-
-    fn number(&mut self) -> Option<u64> {
-        let end = self
-            .0
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(self.0.len());
-        let n = self.0[..end].parse().ok()?;
-        self.0 = &self.0[end..];
-        Some(n)
-    }
-
-    fn option_string(&mut self) -> Option<Option<String>> {
-        if self.eat("None").is_some() {
-            return Some(None);
-        }
-        self.eat("Some(")?;
-        let s = self.string()?;
-        self.eat(")")?;
-        Some(Some(s))
-    }
-
-    /// A Rust string literal as `Debug` writes it: `"…"` with `\" \\ \' \n \r \t \0 \u{…}`.
-    fn string(&mut self) -> Option<String> {
-        self.eat("\"")?;
-        let mut out = String::new();
-        let mut chars = self.0.char_indices();
-        while let Some((i, c)) = chars.next() {
-            match c {
-                '"' => {
-                    self.0 = &self.0[i + 1..];
-                    return Some(out);
-                }
-                '\\' => match chars.next()?.1 {
-                    '"' => out.push('"'),
-                    '\\' => out.push('\\'),
-                    '\'' => out.push('\''),
-                    'n' => out.push('\n'),
-                    'r' => out.push('\r'),
-                    't' => out.push('\t'),
-                    '0' => out.push('\0'),
-                    'u' => {
-                        if chars.next()?.1 != '{' {
-                            return None;
-                        }
-                        let mut code = 0u32;
-                        loop {
-                            let d = chars.next()?.1;
-                            if d == '}' {
-                                break;
-                            }
-                            code = code.checked_mul(16)?.checked_add(d.to_digit(16)?)?;
-                        }
-                        out.push(char::from_u32(code)?);
-                    }
-                    _ => return None,
-                },
-                c => out.push(c),
-            }
-        }
-        None
     }
 }
 

@@ -2,13 +2,17 @@
 //! connection: WebSocket, REST, closed, request line too long, or wait for more.
 //!
 //! Each input is the peeked bytes. Every input is tried with several capacities (the size of the
-//! peek buffer): the server's own (`MAX_REQUEST_LINE`, 8 KiB), exactly the input's length (a full
-//! buffer), one more, and the degenerate 0 and `usize::MAX`. Besides "never panics", it checks:
+//! peek buffer): the server's own (`MAX_REQUEST_LINE`, read from main.rs), exactly the input's
+//! length (a full buffer), one more, half of it, and the degenerate 0 and `usize::MAX`. Besides
+//! "never panics", it checks:
 //! - empty input → `Closed`;
 //! - a `\n` in the input → `WebSocket` or `Rest`, decided by the request line alone: the same
 //!   route for the input cut just after its first `\n`, whatever follows, and whatever the
 //!   capacity; `WebSocket` exactly when the request target's path before `?` is `/ws`;
 //! - no `\n` and at least `capacity` bytes → `TooLong`; no `\n` and fewer → `None` (wait).
+//!
+//! `decide_route`, `Route` and `MAX_REQUEST_LINE` are used directly from main.rs's `dispatch`
+//! module (`pub(crate)` there); the expected route is worked out here without its parser.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -17,10 +21,7 @@ use libfuzzer_sys::fuzz_target;
 #[allow(dead_code, unused_imports, unused_macros, clippy::all)]
 mod server;
 
-use server::{decide_route, Route};
-
-/// `MAX_REQUEST_LINE` in main.rs (private there): the capacity the server peeks with.
-const SERVER_CAPACITY: usize = 8 * 1024;
+use server::dispatch::{decide_route, Route, MAX_REQUEST_LINE};
 
 /// The route a complete request line should get, written independently of main.rs: the target
 /// is the second space-separated field of `METHOD SP TARGET SP VERSION`; its path ends at `?`.
@@ -100,7 +101,7 @@ fn check(data: &[u8], capacity: usize) {
 
 fuzz_target!(|data: &[u8]| {
     for capacity in [
-        SERVER_CAPACITY,
+        MAX_REQUEST_LINE,
         data.len(),
         data.len().saturating_add(1),
         data.len() / 2,
