@@ -13,8 +13,8 @@
 //! a session's threads, `SESSION_STACK_SIZE`), it checks:
 //! - a rejection always has a non-empty message;
 //! - an accepted request was a JSON object (by a JSON validator written here, independently of
-//!   serde_json), its topic follows the naming rule (1 to 128 of A-Z a-z 0-9 _ - . :), its
-//!   client_id is not empty, a publish's message id is a UUID, kept in canonical form;
+//!   serde_json), its topic follows the naming rule (1 to 128 of A-Z a-z 0-9 _ - . :, not . or
+//!   ..), its client_id is not empty, a publish's message id is a UUID, kept in canonical form;
 //! - a publish's payload is the client's bytes verbatim, and an event carrying it, serialized as
 //!   the server does, is valid JSON;
 //! - where serde_json can read the input as a tree, the accepted fields are the ones it holds;
@@ -189,12 +189,20 @@ fn check_accepted(text: &str, accepted: &ClientRequest<'_>) {
 
 fn assert_topic(topic: &str, text: &str) {
     assert!(
-        (1..=128).contains(&topic.len())
-            && topic
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':')),
+        topic_follows_rule(topic),
         "accepted topic {topic:?} breaks the naming rule, from {text:?}"
     );
+}
+
+/// The topic naming rule: 1 to 128 characters from A-Z a-z 0-9 _ - . :, and not `.` or `..`
+/// (path segments that no URL could reach).
+fn topic_follows_rule(topic: &str) -> bool {
+    (1..=128).contains(&topic.len())
+        && topic != "."
+        && topic != ".."
+        && topic
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':'))
 }
 
 /// Serializes an event around the payload as the server does (serde with a `&RawValue` field)
@@ -752,11 +760,7 @@ fn publish_payload(text: &str) -> Option<&str> {
         return None;
     }
     let topic = string_value(field(&request, "topic").ok()??)?;
-    let topic_ok = (1..=128).contains(&topic.len())
-        && topic
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':'));
-    if !topic_ok {
+    if !topic_follows_rule(&topic) {
         return None;
     }
     if let Some(request_id) = field(&request, "request_id").ok()? {

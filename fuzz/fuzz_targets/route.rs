@@ -8,7 +8,9 @@
 //! - empty input → `Closed`;
 //! - a `\n` in the input → `WebSocket` or `Rest`, decided by the request line alone: the same
 //!   route for the input cut just after its first `\n`, whatever follows, and whatever the
-//!   capacity; `WebSocket` exactly when the request target's path before `?` is `/ws`;
+//!   capacity; `WebSocket` exactly when the request target's path before `?` is `/ws`, the
+//!   target taken in origin form (`/ws?…`) or in absolute form (`http://host/ws?…`, scheme http
+//!   or https in any case, as RFC 9112 3.2.2 asks a server to accept);
 //! - no `\n` and at least `capacity` bytes → `TooLong`; no `\n` and fewer → `None` (wait).
 //!
 //! `decide_route`, `Route` and `MAX_REQUEST_LINE` are used directly from main.rs's `dispatch`
@@ -24,7 +26,8 @@ mod server;
 use server::dispatch::{decide_route, Route, MAX_REQUEST_LINE};
 
 /// The route a complete request line should get, written independently of main.rs: the target
-/// is the second space-separated field of `METHOD SP TARGET SP VERSION`; its path ends at `?`.
+/// is the second space-separated field of `METHOD SP TARGET SP VERSION`; in absolute form its
+/// path starts at the first `/` after `scheme://authority` (none: `/`); the path ends at `?`.
 fn expected_route(line: &[u8]) -> Route {
     let target = match line.iter().position(|&b| b == b' ') {
         Some(first_space) => {
@@ -34,6 +37,7 @@ fn expected_route(line: &[u8]) -> Route {
         }
         None => &[][..],
     };
+    let target = origin_form(target);
     let path_end = target
         .iter()
         .position(|&b| b == b'?')
@@ -42,6 +46,27 @@ fn expected_route(line: &[u8]) -> Route {
         Route::WebSocket
     } else {
         Route::Rest
+    }
+}
+
+/// The target without an absolute form's `http://authority` or `https://authority` (scheme in
+/// any case). A target that is not UTF-8 is no URI in either form, and stays as it is.
+fn origin_form(target: &[u8]) -> &[u8] {
+    if std::str::from_utf8(target).is_err() {
+        return target;
+    }
+    let lower = target.to_ascii_lowercase();
+    let after_scheme = if lower.starts_with(b"http://") {
+        7
+    } else if lower.starts_with(b"https://") {
+        8
+    } else {
+        return target;
+    };
+    let rest = &target[after_scheme..];
+    match rest.iter().position(|&b| b == b'/' || b == b'?') {
+        Some(start) if rest[start] == b'/' => &rest[start..],
+        _ => b"/",
     }
 }
 
