@@ -86,11 +86,11 @@ use std::time::{Duration, Instant};
 
 use signal_hook::consts::{SIGINT, SIGTERM};
 
-use crate::config::{Config, Invocation, StderrLogger};
-use crate::dispatch::run_acceptor;
-use crate::rest::run_rest_worker;
-use crate::rest_proxy::RestBackends;
-use crate::state::Shared;
+use config::{Config, Invocation, StderrLogger};
+use dispatch::run_acceptor;
+use rest::run_rest_worker;
+use rest_proxy::RestBackends;
+use state::Shared;
 
 /// Threads answering REST requests. Handlers take microseconds and requests reach tiny_http
 /// whole, so no worker ever waits on a client; requests pipelined on one connection still run
@@ -861,7 +861,7 @@ mod config {
     }
 }
 
-mod protocol {
+pub(crate) mod protocol {
     //! The wire protocol: what a WebSocket client may send ([`ClientRequest`]), what the server
     //! sends ([`ServerMessage`]), the error codes ([`ErrorCode`]), and every error body a client
     //! can get, on WebSocket, REST or before either ([`Failure`]), including the one translation
@@ -879,7 +879,7 @@ mod protocol {
     use tungstenite::http::{header, HeaderValue, StatusCode};
     use tungstenite::Utf8Bytes;
 
-    use crate::broker::{BrokerError, Replay};
+    use super::broker::{BrokerError, Replay};
 
     /// Error codes sent to clients, on WebSocket (`error.code`) and REST (`error.code`).
     #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -1809,7 +1809,7 @@ mod protocol {
         fn the_client_message_corpus_parses_without_a_panic() {
             let messages = fuzz_corpus("client_message");
             let replay = std::thread::Builder::new()
-                .stack_size(crate::ws::SESSION_STACK_SIZE)
+                .stack_size(super::super::ws::SESSION_STACK_SIZE)
                 .spawn(move || {
                     for input in &messages {
                         if let Ok(text) = std::str::from_utf8(input) {
@@ -1931,7 +1931,7 @@ mod queue {
     }
 }
 
-mod broker {
+pub(crate) mod broker {
     //! The broker: topics, their replay rings and subscribers, the numbering of events, and the
     //! sending end of every WebSocket session's queue, behind one mutex.
     //!
@@ -1948,8 +1948,8 @@ mod broker {
     use serde_json::value::RawValue;
     use tungstenite::Utf8Bytes;
 
-    use crate::protocol::{EventMessage, ServerMessage, Unfinished};
-    use crate::queue::{LiveEvent, Outgoing, Reply};
+    use super::protocol::{EventMessage, ServerMessage, Unfinished};
+    use super::queue::{LiveEvent, Outgoing, Reply};
 
     /// Identifies one WebSocket connection for its whole life.
     pub(crate) type SessionId = u64;
@@ -2845,8 +2845,8 @@ mod broker {
 
     #[cfg(test)]
     mod tests {
+        use super::super::broker;
         use super::*;
-        use crate::broker;
         use std::sync::mpsc::{self, Receiver};
 
         /// A broker with one session whose queue holds `queue_size` items, and a topic `t` of
@@ -3367,9 +3367,9 @@ mod state {
     use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
     use std::time::{Duration, Instant};
 
-    use crate::broker::{self, Broker};
-    use crate::config::Config;
-    use crate::rest_proxy::RestBackends;
+    use super::broker::{self, Broker};
+    use super::config::Config;
+    use super::rest_proxy::RestBackends;
 
     /// What every thread shares, for the life of the process.
     pub(crate) struct Shared {
@@ -3673,7 +3673,7 @@ mod auth {
     use subtle::ConstantTimeEq;
     use tungstenite::http::StatusCode;
 
-    use crate::protocol::{ErrorCode, Failure};
+    use super::protocol::{ErrorCode, Failure};
 
     /// The key a request presents: the first `X-API-Key` or `Authorization: Bearer` header, in
     /// the order the headers came, else the first `api_key` parameter of `query` (given only
@@ -3779,7 +3779,7 @@ mod auth {
     }
 }
 
-mod dispatch {
+pub(crate) mod dispatch {
     //! The front door: accepts connections, admits or refuses them against `MAX_CONNECTIONS`, peeks
     //! at the request line without consuming it, and routes `/ws` upgrades to [`crate::ws`] and
     //! everything else to [`crate::rest_proxy`].
@@ -3796,10 +3796,10 @@ mod dispatch {
 
     use tungstenite::http::StatusCode;
 
-    use crate::protocol::{ErrorCode, Failure};
-    use crate::rest_proxy::proxy_to_rest;
-    use crate::state::{Connections, Peer, Registration, Shared, Tally};
-    use crate::ws::serve_ws;
+    use super::protocol::{ErrorCode, Failure};
+    use super::rest_proxy::proxy_to_rest;
+    use super::state::{Connections, Peer, Registration, Shared, Tally};
+    use super::ws::serve_ws;
 
     /// Longest request line the dispatcher looks at, in bytes. Longer lines are refused with 414
     /// rather than routed blind; 8 KiB matches the common limit of nginx and Node.js.
@@ -4193,7 +4193,7 @@ mod dispatch {
         /// The route corpus (see `fuzz_corpus`), at several peek capacities: no panic.
         #[test]
         fn the_route_corpus_routes_without_a_panic() {
-            for input in &crate::protocol::tests::fuzz_corpus("route") {
+            for input in &super::super::protocol::tests::fuzz_corpus("route") {
                 for capacity in [1, 16, MAX_REQUEST_LINE] {
                     let _ = decide_route(input, capacity);
                 }
@@ -4202,7 +4202,7 @@ mod dispatch {
     }
 }
 
-mod ws {
+pub(crate) mod ws {
     //! A WebSocket session: the handshake (with the API key and origin checks), then a reader
     //! thread that parses and executes requests and a [`Writer`] thread that alone writes frames.
     //!
@@ -4228,17 +4228,17 @@ mod ws {
     use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
     use tungstenite::{Bytes, Message, Utf8Bytes, WebSocket};
 
-    use crate::auth;
-    use crate::broker::{Broker, BrokerError, Ending, Published, SessionControl};
-    use crate::config::Config;
-    use crate::dispatch::{is_expected_end, log_end, send_failure, Dispatched, HeadClock};
-    use crate::join_quietly;
-    use crate::protocol::{
+    use super::auth;
+    use super::broker::{Broker, BrokerError, Ending, Published, SessionControl};
+    use super::config::Config;
+    use super::dispatch::{is_expected_end, log_end, send_failure, Dispatched, HeadClock};
+    use super::join_quietly;
+    use super::protocol::{
         date_header, timestamp, ClientRequest, ErrorCode, Failure, Operation, ServerMessage,
         Unfinished,
     };
-    use crate::queue::{Outgoing, Reply, SlotFiller};
-    use crate::state::{LatencyBatch, Peer, Registration, Shared};
+    use super::queue::{Outgoing, Reply, SlotFiller};
+    use super::state::{LatencyBatch, Peer, Registration, Shared};
 
     /// How long a WebSocket whose server side has sent its Close frame waits for the client's reply
     /// before the TCP connection is dropped (RFC 6455 7.1.1: the server closes TCP first).
@@ -5153,10 +5153,10 @@ mod rest_proxy {
 
     use tungstenite::http::StatusCode;
 
-    use crate::config::Config;
-    use crate::dispatch::{origin_form, send_failure, HeadClock, MAX_HEADERS, MAX_HEAD_BYTES};
-    use crate::protocol::{ErrorCode, Failure};
-    use crate::state::{Connections, Peer, Shared};
+    use super::config::Config;
+    use super::dispatch::{origin_form, send_failure, HeadClock, MAX_HEADERS, MAX_HEAD_BYTES};
+    use super::protocol::{ErrorCode, Failure};
+    use super::state::{Connections, Peer, Shared};
 
     /// How long a REST keep-alive connection may stay silent before it is closed.
     const REST_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -6017,14 +6017,14 @@ mod rest {
     use serde_json::value::RawValue;
     use tungstenite::http::StatusCode;
 
-    use crate::auth;
-    use crate::broker::{self, new_epoch};
-    use crate::console::CONSOLE_HTML;
-    use crate::protocol::{
+    use super::auth;
+    use super::broker::{self, new_epoch};
+    use super::console::CONSOLE_HTML;
+    use super::protocol::{
         check_payload, is_valid_topic_name, parse_object, required_message_id, required_string,
         timestamp, ErrorCode, Failure, RawMessage, ServerMessage, TOPIC_NAME_RULE,
     };
-    use crate::state::{Shared, LATENCY_BUCKETS_US};
+    use super::state::{Shared, LATENCY_BUCKETS_US};
 
     /// Serves REST requests that tiny_http has parsed, until shutdown unblocks it.
     pub(crate) fn run_rest_worker(server: &tiny_http::Server, shared: &Shared) {
@@ -6346,7 +6346,7 @@ mod rest {
     fn create_topic(body: &[u8], shared: &Shared) -> Result<RestReply, Failure> {
         #[derive(Deserialize)]
         struct CreateTopic<'a> {
-            #[serde(borrow, default, deserialize_with = "crate::protocol::present")]
+            #[serde(borrow, default, deserialize_with = "super::protocol::present")]
             name: Option<&'a RawValue>,
         }
         let text = body_text(body, r#"{"name": "<topic>"}"#)?;
