@@ -24,8 +24,8 @@ fn as_history_entry(event: &Value) -> Value {
 }
 
 /// A server with `overrides`, the topic `orders`, and a client subscribed to it with the
-/// topic's epoch.
-fn server_with_subscriber(overrides: &[(&str, &str)]) -> (Server, WsClient, String) {
+/// topic's epoch. Also for the tests of HTTP publish.
+pub(crate) fn server_with_subscriber(overrides: &[(&str, &str)]) -> (Server, WsClient, String) {
     let server = Server::start_with(overrides);
     create_topic(server.addr, "orders");
     let mut subscriber = WsClient::connect(server.addr);

@@ -8,23 +8,14 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 use crate::harness::Server;
+use crate::history::server_with_subscriber;
 use crate::http_client::{
     create_topic, delete, history, history_seqs, http, post_message, publish_over_http, stats,
 };
-use crate::ws_client::{assert_timestamp, epoch_field, seq_field, without_ts, WsClient};
+use crate::ws_client::{assert_timestamp, seq_field, without_ts, WsClient};
 
 /// A payload whose key order a parse into a sorted map would lose.
 const ODD_KEY_ORDER: &str = r#"{"zeta":1,"alpha":{"k2":2,"k1":[true,null,1.5]}}"#;
-
-/// A server with `overrides`, the topic `orders`, and a client subscribed to it with the
-/// topic's epoch.
-fn server_with_subscriber(overrides: &[(&str, &str)]) -> (Server, WsClient, String) {
-    let server = Server::start_with(overrides);
-    create_topic(server.addr, "orders");
-    let mut subscriber = WsClient::connect(server.addr);
-    let epoch = epoch_field(&subscriber.subscribe("orders", None));
-    (server, subscriber, epoch)
-}
 
 #[test]
 fn http_publish_is_201_with_id_and_seq_and_reaches_websocket_subscribers() {

@@ -12,6 +12,7 @@ use uuid::Uuid;
 
 use crate::harness::Server;
 use crate::http_client::{create_topic, get, health};
+use crate::websocket::hostile_input_server;
 use crate::ws_client::{assert_ack, assert_error, publish_request, without_ts, WsClient};
 
 /// The largest message these servers accept, small so that oversized messages are cheap.
@@ -23,17 +24,6 @@ fn server_with_orders(overrides: &[(&str, &str)]) -> (Server, WsClient) {
     create_topic(server.addr, "orders");
     let client = WsClient::connect(server.addr);
     (server, client)
-}
-
-/// A server with the topic `orders` and [`MAX_MESSAGE_BYTES`], for the tests of hostile input.
-fn server() -> Server {
-    let limit = MAX_MESSAGE_BYTES.to_string();
-    let server = Server::start_with(&[
-        ("MAX_MESSAGE_BYTES", limit.as_str()),
-        ("HANDSHAKE_TIMEOUT_SEC", "1"),
-    ]);
-    create_topic(server.addr, "orders");
-    server
 }
 
 /// Asserts that other clients are still served: a WebSocket round trip and `/health`.
@@ -285,7 +275,7 @@ fn expected_outcome(kind: &str, field: &str, value: &Value) -> Expect {
 
 #[test]
 fn every_json_type_in_every_field_gets_bad_request_naming_it_or_is_accepted() {
-    let server = server();
+    let server = hostile_input_server();
     let mut client = WsClient::connect(server.addr);
     let mut subscriber = WsClient::connect(server.addr);
     subscriber.subscribe("orders", None);
@@ -391,7 +381,7 @@ fn every_json_type_in_every_field_gets_bad_request_naming_it_or_is_accepted() {
 
 #[test]
 fn duplicate_fields_are_bad_request() {
-    let server = server();
+    let server = hostile_input_server();
     let mut client = WsClient::connect(server.addr);
     for (text, field) in [
         (r#"{"type":"ping","type":"publish"}"#, "type"),
@@ -512,7 +502,7 @@ fn deeply_nested_json_never_crashes_the_server() {
 
 #[test]
 fn payloads_nested_up_to_the_json_depth_limit_are_forwarded_byte_exact() {
-    let server = server();
+    let server = hostile_input_server();
     let mut publisher = WsClient::connect(server.addr);
     let mut subscriber = WsClient::connect(server.addr);
     subscriber.subscribe("orders", None);
@@ -557,7 +547,7 @@ fn payloads_nested_up_to_the_json_depth_limit_are_forwarded_byte_exact() {
 
 #[test]
 fn no_payload_is_accepted_whose_event_a_json_parser_cannot_read() {
-    let server = server();
+    let server = hostile_input_server();
     let mut publisher = WsClient::connect(server.addr);
     let mut subscriber = WsClient::connect(server.addr);
     subscriber.subscribe("orders", None);
@@ -601,7 +591,7 @@ fn no_payload_is_accepted_whose_event_a_json_parser_cannot_read() {
 /// Publishes every number of `numbers` alone, in an array and in an object with odd spacing,
 /// and checks that each payload reaches the subscriber byte for byte.
 fn assert_forwarded_byte_exact(numbers: &[&str]) {
-    let server = server();
+    let server = hostile_input_server();
     let mut publisher = WsClient::connect(server.addr);
     let mut subscriber = WsClient::connect(server.addr);
     subscriber.subscribe("orders", None);
@@ -656,7 +646,7 @@ fn huge_and_odd_numbers_in_a_payload_are_forwarded_byte_exact() {
 /// "WebSocket protocol"): serde_json and many other parsers cannot read it, so a subscriber could not read
 /// the event. RFC 8259 section 6 lets each implementation set such limits.
 fn numbers_beyond_a_double_in_a_payload_are_refused_naming_the_payload() {
-    let server = server();
+    let server = hostile_input_server();
     let mut publisher = WsClient::connect(server.addr);
     for number in ["1e400", "-1e400", "1E+400"] {
         publisher.send_message(tungstenite::Message::text(publish_text("orders", number)));
@@ -675,7 +665,7 @@ fn numbers_beyond_a_double_in_a_payload_are_refused_naming_the_payload() {
 
 #[test]
 fn huge_and_odd_numbers_in_integer_fields_get_bad_request_naming_the_field() {
-    let server = server();
+    let server = hostile_input_server();
     let mut client = WsClient::connect(server.addr);
     for number in [
         "1e400",

@@ -26,8 +26,9 @@ const MAX_MESSAGE_BYTES: usize = 4096;
 const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A server with the topic `orders`, [`MAX_MESSAGE_BYTES`], and a handshake deadline of 1 s, so
-/// that an upgrade request left incomplete ends quickly.
-fn server() -> Server {
+/// that an upgrade request left incomplete ends quickly: for the tests of hostile input, here
+/// and in `protocol`.
+pub(crate) fn hostile_input_server() -> Server {
     let limit = MAX_MESSAGE_BYTES.to_string();
     let server = Server::start_with(&[
         ("MAX_MESSAGE_BYTES", limit.as_str()),
@@ -73,7 +74,7 @@ fn upgrade_request(method: &str, version: &str, without: &[&str], extra: &str) -
 
 #[test]
 fn malformed_upgrade_requests_get_400_with_a_json_error() {
-    let server = server();
+    let server = hostile_input_server();
     let many_headers: String = (0..200).map(|n| format!("X-H{n}: {n}\r\n")).collect();
     let big_headers: String = (0..80)
         .map(|n| format!("X-Big-{n}: {}\r\n", "b".repeat(1000)))
@@ -360,7 +361,7 @@ fn protocol_violations() -> Vec<(String, Vec<u8>, &'static [CloseCode])> {
 
 #[test]
 fn frames_that_break_rfc_6455_get_the_right_close_code_and_others_are_served() {
-    let server = server();
+    let server = hostile_input_server();
     let addr = server.addr;
     // A bystander keeps a subscription through all of it.
     let mut bystander = WsClient::connect(addr);
@@ -400,7 +401,7 @@ fn frames_that_break_rfc_6455_get_the_right_close_code_and_others_are_served() {
 
 #[test]
 fn legal_but_unusual_framing_is_accepted() {
-    let server = server();
+    let server = hostile_input_server();
     let mut client = WsClient::connect(server.addr);
     // A message in three fragments with a ping between them (RFC 6455 5.4: control frames
     // may be injected in the middle of a fragmented message).
