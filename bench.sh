@@ -28,6 +28,9 @@
 # guard page, signal stack and its guard), so 10,000 connections (20,000 threads) need
 # vm.max_map_count above ~80,000; the table header shows the value, bench.sh never changes it.
 #
+# With redis-server installed, two more rows run one instance in cluster mode (REDIS_URL) on a
+# redis-server of the script's own, without persistence.
+#
 # LOADGEN_THREADS=N gives the load generator N runtime threads (default 1: on two cores it
 # leaves the server the other one; raise it when the server outgrows one loadgen thread).
 #
@@ -74,7 +77,9 @@ die() {
 }
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/pubsub-bench.XXXXXX")
-SERVER_PID="" SAMPLER_PID="" LOADGEN_PID=""
+SERVER_PID="" SAMPLER_PID="" LOADGEN_PID="" REDIS_PID=""
+# Settings the server under test gets beyond HOST, PORT and LOG_LEVEL (the cluster rows).
+SERVER_ENV=()
 
 stop_pid() { # PID: SIGTERM, then SIGKILL after SERVER_STOP_DEADLINE
   local pid=$1 waited=0
@@ -89,7 +94,7 @@ stop_pid() { # PID: SIGTERM, then SIGKILL after SERVER_STOP_DEADLINE
 
 cleanup() {
   local pid
-  for pid in "$LOADGEN_PID" "$SAMPLER_PID" "$SERVER_PID"; do
+  for pid in "$LOADGEN_PID" "$SAMPLER_PID" "$SERVER_PID" "$REDIS_PID"; do
     [[ -n $pid ]] && stop_pid "$pid"
   done
   rm -rf "$WORK"
@@ -125,7 +130,7 @@ start_server() { # NAME [PROBE_SECONDS]: sets SERVER_PID, PORT; fails after the 
   local name=$1 deadline_s=${2:-$SERVER_START_DEADLINE}
   local server_log=$WORK/$name.server.log
   : >"$server_log"
-  HOST=127.0.0.1 PORT=0 LOG_LEVEL=$LOG_LEVEL "$SERVER" 2>"$server_log" &
+  env HOST=127.0.0.1 PORT=0 LOG_LEVEL="$LOG_LEVEL" "${SERVER_ENV[@]}" "$SERVER" 2>"$server_log" &
   SERVER_PID=$!
   local deadline=$((SECONDS + deadline_s))
   PORT=""
@@ -285,6 +290,27 @@ run_scenario "rest GET /health only" rest --connections 4 --cycle-connections 0 
 SERVER=$TARGET_DIR/release/examples/tiny_http_alone
 run_scenario "rest GET /health only, tiny_http alone" rest --connections 4 --cycle-connections 0 --duration "$D"
 SERVER=$TARGET_DIR/release/pubsub-backend
+
+# Cluster mode, one instance on a redis-server of this script's own (no persistence): what the
+# backplane costs a publish (one Redis round trip and a channel delivery) and fan-out.
+if command -v redis-server >/dev/null; then
+  REDIS_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no >"$WORK/redis.log" 2>&1 &
+  REDIS_PID=$!
+  for _ in $(seq 200); do
+    { exec 3<>"/dev/tcp/127.0.0.1/$REDIS_PORT" && printf 'PING\r\n' >&3 && read -r -t 1 reply <&3 &&
+      exec 3<&-; } 2>/dev/null && [[ $reply == +PONG* ]] && break
+    sleep 0.05
+  done
+  SERVER_ENV=("REDIS_URL=redis://127.0.0.1:$REDIS_PORT/0")
+  run_scenario "pubs 50, cluster mode (local Redis)" pubs --publishers 50 --duration "$D"
+  run_scenario "fanout 1x100 max, cluster mode (local Redis)" fanout --topics 1 --subscribers 100 --rate max --duration "$D"
+  SERVER_ENV=()
+  stop_pid "$REDIS_PID"
+  REDIS_PID=""
+else
+  log "redis-server not installed: no cluster-mode rows"
+fi
 
 # ---- report --------------------------------------------------------------------------------
 

@@ -86,6 +86,7 @@ use std::time::{Duration, Instant};
 
 use signal_hook::consts::{SIGINT, SIGTERM};
 
+use backplane::{run_backplane, Backplane};
 use config::{Config, Invocation, StderrLogger};
 use dispatch::run_acceptor;
 use rest::run_rest_worker;
@@ -96,6 +97,9 @@ use state::Shared;
 /// whole, so no worker ever waits on a client; requests pipelined on one connection still run
 /// in order (RFC 9112 9.3.2) because the hand-off passes them on one at a time.
 const REST_WORKERS: usize = 2;
+
+/// How long start-up waits for cluster mode's first link to Redis before it listens anyway.
+const BACKPLANE_START_WAIT: Duration = Duration::from_secs(3);
 
 fn main() -> ExitCode {
     let invocation =
@@ -195,7 +199,14 @@ fn run(config: Config) -> io::Result<()> {
     static REST_SERVER: OnceLock<tiny_http::Server> = OnceLock::new();
     let rest_server = REST_SERVER.get_or_init(|| rest_server);
 
-    let shared = Arc::new(Shared::new(config, RestBackends::new(rest_addr)));
+    let backplane = match config.redis_url.as_deref() {
+        None => None,
+        Some(url) => Some(
+            Backplane::new(url, config.ring_size, config.max_topics)
+                .map_err(|e| io::Error::other(format!("REDIS_URL: {e}")))?,
+        ),
+    };
+    let shared = Arc::new(Shared::new(config, RestBackends::new(rest_addr), backplane));
     let workers = (0..REST_WORKERS)
         .map(|n| {
             let shared = Arc::clone(&shared);
@@ -205,6 +216,20 @@ fn run(config: Config) -> io::Result<()> {
         })
         .collect::<io::Result<Vec<_>>>()?;
     shared.rest_backends.open_all()?;
+    if let Some(backplane) = &shared.backplane {
+        let follower = Arc::clone(&shared);
+        thread::Builder::new()
+            .name("backplane".into())
+            .spawn(move || run_backplane(&follower))?;
+        // A moment for the first link, so that an instance that says it listens knows the
+        // cluster's topics; without Redis it starts all the same, unhealthy, and keeps trying.
+        if !backplane.wait_linked(BACKPLANE_START_WAIT) {
+            log::warn!(
+                "backplane {}: not linked yet; /health answers 503 until it is",
+                backplane.address()
+            );
+        }
+    }
     let acceptor = {
         let shared = Arc::clone(&shared);
         thread::Builder::new()
@@ -409,9 +434,14 @@ mod config {
         default: None,
         help: "when set, required by every request but GET /health",
     };
+    pub(crate) const REDIS_URL: Setting = Setting {
+        var: "REDIS_URL",
+        default: None,
+        help: "cluster mode: redis://[:password@]host:port/db shared by every instance",
+    };
 
     /// Every setting, in the order `--help` lists them.
-    const SETTINGS: [&Setting; 17] = [
+    const SETTINGS: [&Setting; 18] = [
         &HOST,
         &PORT,
         &RING_SIZE,
@@ -429,6 +459,7 @@ mod config {
         &CORS_ORIGINS,
         &CONSOLE,
         &API_KEY,
+        &REDIS_URL,
     ];
 
     /// The server's settings, validated.
@@ -461,6 +492,8 @@ mod config {
         /// Serve the live console at `GET /`.
         pub(crate) console: bool,
         pub(crate) api_key: Option<String>,
+        /// Cluster mode: the Redis every instance shares (see [`crate::backplane`]).
+        pub(crate) redis_url: Option<String>,
     }
 
     /// A setting whose value cannot be used; start-up stops with this one line.
@@ -600,6 +633,23 @@ mod config {
                     }
                 }
             };
+            let redis_url = match lookup(REDIS_URL.var) {
+                None => None,
+                // Checked now so that a typo stops start-up; the password is never shown.
+                Some(url) => match redis::Client::open(url.trim()) {
+                    Ok(_) => Some(url.trim().to_string()),
+                    Err(error) => {
+                        let shown = match url.split_once('@') {
+                            Some((_, host)) => format!("redis://…@{host}"),
+                            None => url,
+                        };
+                        let expected = format!(
+                            "a URL such as redis://127.0.0.1:6379/0 or redis://:password@host:6379/0 ({error})"
+                        );
+                        return Err(invalid((shown, REDIS_URL.var), &expected));
+                    }
+                },
+            };
             let api_key = match lookup(API_KEY.var) {
                 Some(key) if key.is_empty() => {
                     return Err(invalid(
@@ -668,6 +718,7 @@ mod config {
                     }
                 },
                 api_key,
+                redis_url,
             })
         }
 
@@ -898,6 +949,9 @@ pub(crate) mod protocol {
         PayloadTooLarge,
         /// `POST /topics` while `MAX_TOPICS` topics exist.
         TooManyTopics,
+        /// Cluster mode: a subscription ended because its topic cannot go on here without a
+        /// gap; the message carries the last `seq` sent, to resume from.
+        SubscriptionGap,
     }
 
     /// A validated request from a WebSocket client.
@@ -927,17 +981,6 @@ pub(crate) mod protocol {
             payload: &'a RawValue,
         },
         Ping,
-    }
-
-    impl Operation<'_> {
-        pub(crate) fn topic(&self) -> Option<&str> {
-            match self {
-                Operation::Subscribe { topic, .. }
-                | Operation::Unsubscribe { topic, .. }
-                | Operation::Publish { topic, .. } => Some(topic),
-                Operation::Ping => None,
-            }
-        }
     }
 
     /// Why a request was refused with `BAD_REQUEST`, and the `request_id` to echo if it had one.
@@ -1285,6 +1328,16 @@ pub(crate) mod protocol {
     }
 
     impl ServerMessage<'_> {
+        /// The notice a topic's subscribers get when it is deleted.
+        pub(crate) fn topic_deleted(name: &str) -> Utf8Bytes {
+            ServerMessage::Info {
+                topic: Some(name),
+                msg: "topic_deleted",
+                ts: &timestamp(),
+            }
+            .to_frame()
+        }
+
         /// Serializes once; the result is shared by every queue it goes to.
         pub(crate) fn to_frame(&self) -> Utf8Bytes {
             self.to_json().into()
@@ -1320,6 +1373,13 @@ pub(crate) mod protocol {
             self.finish(|text| {
                 let ts = humantime::format_rfc3339_millis(time);
                 let _ = write!(text, ",\"ts\":\"{ts}\",\"seq\":{seq}");
+            })
+        }
+
+        /// Finishes a message that ends with the `seq` of an event: `…,"seq":42}`.
+        pub(crate) fn with_seq(&self, seq: u64) -> Utf8Bytes {
+            self.finish(|text| {
+                let _ = write!(text, ",\"seq\":{seq}");
             })
         }
 
@@ -1447,6 +1507,21 @@ pub(crate) mod protocol {
             };
             // Cannot fail: two strings and a unit enum.
             serde_json::to_string(&body).unwrap_or_default()
+        }
+
+        /// The WebSocket error message about `topic`, for the broker to finish with a `seq`.
+        pub(crate) fn to_message<'a>(
+            &'a self,
+            topic: Option<&'a str>,
+            ts: &'a str,
+        ) -> ServerMessage<'a> {
+            ServerMessage::Error {
+                request_id: None,
+                topic,
+                seq: None,
+                error: self.error_body(),
+                ts,
+            }
         }
 
         /// The WebSocket error message answering the request `request_id`.
@@ -1945,10 +2020,9 @@ pub(crate) mod broker {
     use std::thread::{self, Thread};
     use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-    use serde_json::value::RawValue;
     use tungstenite::Utf8Bytes;
 
-    use super::protocol::{EventMessage, ServerMessage, Unfinished};
+    use super::protocol::Unfinished;
     use super::queue::{LiveEvent, Outgoing, Reply};
 
     /// Identifies one WebSocket connection for its whole life.
@@ -2236,6 +2310,32 @@ pub(crate) mod broker {
         id: u128,
     }
 
+    /// What [`Broker::apply`] did with an event numbered elsewhere.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub(crate) enum Applied {
+        Delivered,
+        /// Its `seq` was applied before.
+        Duplicate,
+        /// Events between the topic's `last` seq and this one are missing.
+        Gap {
+            last: u64,
+        },
+        /// No such topic here, or one of another epoch.
+        Unknown,
+    }
+
+    /// What [`Broker::mirror`] did.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub(crate) enum Mirrored {
+        /// The topic was new here.
+        Added,
+        Unchanged,
+        /// This many events were missing and have been delivered.
+        CaughtUp(u64),
+        /// The topic started again from the cluster's state; its subscribers were told.
+        Reset,
+    }
+
     /// What a publish did: the message's `seq`, and whether it was a duplicate of one the
     /// topic still holds (then nothing was published, and `seq` is the original's).
     #[derive(Debug)]
@@ -2266,6 +2366,9 @@ pub(crate) mod broker {
     /// blocks, serializes or does I/O under the lock.
     pub(crate) struct Broker {
         state: Mutex<Registry>,
+        /// Publishers waiting for an event numbered elsewhere to be applied here (see
+        /// [`Broker::wait_applied`]); a lock of its own, taken only in cluster mode.
+        awaited: Mutex<Vec<Awaited>>,
         limits: Limits,
         /// Debug builds only: publishing to this topic panics under the lock (see
         /// [`panic_on_publish_to`](Broker::panic_on_publish_to)).
@@ -2282,8 +2385,10 @@ pub(crate) mod broker {
         /// The `ts` of the last event published, to any topic.
         last_event_time: Option<SystemTime>,
         closed: bool,
-        /// Messages published, deleted topics included; also the `order` of the last event.
+        /// Messages published, deleted topics included.
         published: u64,
+        /// The `order` of the last event retained (see [`RingEntry`]).
+        ordered: u64,
         delivered: u64,
         slow_consumer_cuts: u64,
     }
@@ -2338,6 +2443,13 @@ pub(crate) mod broker {
         topics: Vec<Arc<str>>,
     }
 
+    /// A publisher waiting in [`Broker::wait_applied`].
+    struct Awaited {
+        name: String,
+        seq: u64,
+        thread: Thread,
+    }
+
     /// Writers to wake when dropped.
     #[derive(Default)]
     struct WakeOnDrop(Vec<Arc<SessionControl>>);
@@ -2354,6 +2466,7 @@ pub(crate) mod broker {
         pub(crate) fn new(limits: Limits) -> Broker {
             Broker {
                 state: Mutex::new(Registry::default()),
+                awaited: Mutex::default(),
                 limits,
                 #[cfg(debug_assertions)]
                 panic_topic: OnceLock::new(),
@@ -2375,30 +2488,28 @@ pub(crate) mod broker {
                 return Err(BrokerError::TooManyTopics);
             }
             let name: Arc<str> = name.into();
-            let topic = Topic {
-                name: Arc::clone(&name),
-                epoch,
-                last_seq: 0,
-                ring: VecDeque::new(),
-                ids: HashMap::new(),
-                subscribers: Vec::new(),
-                delivered: 0,
-            };
-            state.topics.insert(name, topic);
+            state
+                .topics
+                .insert(Arc::clone(&name), Topic::new(name, epoch));
             Ok(())
         }
 
-        /// Removes a topic; each of its subscribers is told with `notice` and stays connected.
+        /// Removes a topic (only of that `epoch`, when one is given); each of its subscribers is
+        /// told with `notice` and stays connected.
         pub(crate) fn remove_topic(
             &self,
             name: &str,
+            epoch: Option<&str>,
             notice: Utf8Bytes,
         ) -> Result<(), BrokerError> {
             let mut state = self.lock();
-            let mut topic = state
-                .topics
-                .remove(name)
-                .ok_or(BrokerError::TopicNotFound)?;
+            let held = state.topics.get(name).map(|topic| topic.epoch.as_str());
+            if held.is_none() || epoch.is_some_and(|epoch| held != Some(epoch)) {
+                return Err(BrokerError::TopicNotFound);
+            }
+            let Some(mut topic) = state.topics.remove(name) else {
+                return Err(BrokerError::TopicNotFound);
+            };
             while topic.drop_oldest(&mut state.retention) {}
             let mut overflowed = Vec::new();
             for subscriber in &topic.subscribers {
@@ -2417,7 +2528,189 @@ pub(crate) mod broker {
             for session in overflowed {
                 state.cut(session, Ending::SlowConsumer, None);
             }
+            drop(state);
+            self.wake_awaiting(name, u64::MAX);
             Ok(())
+        }
+
+        /// A topic's epoch and last `seq`.
+        pub(crate) fn position(&self, name: &str) -> Option<(String, u64)> {
+            let state = self.lock();
+            let topic = state.topics.get(name)?;
+            Some((topic.epoch.clone(), topic.last_seq))
+        }
+
+        /// Delivers an event numbered elsewhere (by the cluster's backplane), exactly when it
+        /// is the next of its topic: `seq` one above the last, in the same `epoch`.
+        pub(crate) fn apply(
+            &self,
+            name: &str,
+            epoch: &str,
+            seq: u64,
+            frame: Utf8Bytes,
+            accepted_us: u32,
+        ) -> Applied {
+            // Declared before the guard, as in `number_and_queue`.
+            let mut wakes = WakeOnDrop::default();
+            let mut guard = self.lock();
+            let state = &mut *guard;
+            let Some(topic) = state.topics.get_mut(name) else {
+                return Applied::Unknown;
+            };
+            if topic.epoch != epoch {
+                return Applied::Unknown;
+            }
+            if seq <= topic.last_seq {
+                return Applied::Duplicate;
+            }
+            if seq > topic.last_seq + 1 {
+                return Applied::Gap {
+                    last: topic.last_seq,
+                };
+            }
+            topic.last_seq = seq;
+            let event = RingEntry {
+                seq,
+                frame,
+                order: 0,
+                id: 0,
+            };
+            // After shutdown has begun nothing more is queued; the ring still follows.
+            if state.closed {
+                state.retain(name, event, &self.limits);
+            } else {
+                state.deliver(name, event, accepted_us, &self.limits, &mut wakes);
+            }
+            drop(guard);
+            self.wake_awaiting(name, seq);
+            Applied::Delivered
+        }
+
+        /// Waits, up to `timeout`, until topic `name` of `epoch` has applied `seq`; false if it
+        /// has not by then.
+        pub(crate) fn wait_applied(
+            &self,
+            name: &str,
+            epoch: &str,
+            seq: u64,
+            timeout: Duration,
+        ) -> bool {
+            let applied = || {
+                let state = self.lock();
+                let topic = state.topics.get(name);
+                topic.is_some_and(|topic| topic.epoch != epoch || topic.last_seq >= seq)
+            };
+            let deadline = Instant::now() + timeout;
+            let me = thread::current();
+            let awaited = Awaited {
+                name: name.to_string(),
+                seq,
+                thread: me.clone(),
+            };
+            // Registered before the first look: a wake-up between the look and the park is kept by
+            // the thread's token.
+            self.awaited
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(awaited);
+            let done = loop {
+                if applied() {
+                    break true;
+                }
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break false;
+                }
+                thread::park_timeout(left);
+            };
+            let mut awaited = self.awaited.lock().unwrap_or_else(PoisonError::into_inner);
+            awaited.retain(|a| !(a.thread.id() == me.id() && a.seq == seq && a.name == name));
+            done
+        }
+
+        /// Wakes the publishers waiting for topic `name` up to `seq` (every one of them for
+        /// `u64::MAX`), each only when what it waits for may have come.
+        fn wake_awaiting(&self, name: &str, seq: u64) {
+            let awaited = self.awaited.lock().unwrap_or_else(PoisonError::into_inner);
+            for waiter in awaited.iter().filter(|a| a.name == name && a.seq <= seq) {
+                waiter.thread.unpark();
+            }
+        }
+
+        /// Makes topic `name` mirror the cluster's: its `epoch`, its last `seq` and the newest
+        /// `entries` the cluster holds (consecutive, ending at `last_seq`; possibly none).
+        /// Events the local topic lacks are delivered to its subscribers when the entries reach
+        /// back to them. Otherwise (another epoch, or events the cluster no longer holds) each
+        /// subscriber is unsubscribed and sent `notice` finished with the last `seq` it was sent,
+        /// from where it can resume.
+        pub(crate) fn mirror(
+            &self,
+            name: &str,
+            epoch: &str,
+            last_seq: u64,
+            entries: Vec<(u64, Utf8Bytes)>,
+            notice: &Unfinished,
+        ) -> Mirrored {
+            let mut wakes = WakeOnDrop::default();
+            let mut guard = self.lock();
+            let state = &mut *guard;
+            let held = state
+                .topics
+                .get(name)
+                .map(|t| (t.epoch == epoch, t.last_seq));
+            let outcome = match held {
+                None => {
+                    let name: Arc<str> = name.into();
+                    let topic = Topic::new(Arc::clone(&name), epoch.to_string());
+                    state.topics.insert(name, topic);
+                    Mirrored::Added
+                }
+                Some((true, last)) if last == last_seq => Mirrored::Unchanged,
+                Some((true, last))
+                    if last < last_seq
+                        && entries.first().is_some_and(|(first, _)| *first <= last + 1) =>
+                {
+                    Mirrored::CaughtUp(last_seq - last)
+                }
+                Some(_) => {
+                    state.unsubscribe_all(name, notice);
+                    let name: Arc<str> = name.into();
+                    if let Some(mut old) = state.topics.remove(&name) {
+                        while old.drop_oldest(&mut state.retention) {}
+                    }
+                    let topic = Topic::new(Arc::clone(&name), epoch.to_string());
+                    state.topics.insert(name, topic);
+                    Mirrored::Reset
+                }
+            };
+            let catching_up = matches!(outcome, Mirrored::CaughtUp(_));
+            for (seq, frame) in entries {
+                let Some(topic) = state.topics.get_mut(name) else {
+                    break;
+                };
+                if seq <= topic.last_seq {
+                    continue;
+                }
+                topic.last_seq = seq;
+                let event = RingEntry {
+                    seq,
+                    frame,
+                    order: 0,
+                    id: 0,
+                };
+                if catching_up && !state.closed {
+                    state.deliver(name, event, 0, &self.limits, &mut wakes);
+                } else {
+                    state.retain(name, event, &self.limits);
+                }
+            }
+            if let Some(topic) = state.topics.get_mut(name) {
+                topic.last_seq = topic.last_seq.max(last_seq);
+            }
+            state.enforce_retention(self.limits.retained_bytes);
+            drop(guard);
+            self.wake_awaiting(name, u64::MAX);
+            outcome
         }
 
         pub(crate) fn topic_stats(&self) -> Vec<TopicStats> {
@@ -2570,39 +2863,22 @@ pub(crate) mod broker {
             Ok(())
         }
 
-        /// Publishes a message, from WebSocket or HTTP alike: serializes its event once, before
-        /// taking the lock, then numbers and queues it. `id` is canonical (see
-        /// [`required_message_id`](crate::protocol::required_message_id)); `accepted_us` is
-        /// when the publish was accepted ([`Shared::clock_us`](crate::state::Shared::clock_us)).
-        pub(crate) fn publish(
-            &self,
-            name: &str,
-            id: &str,
-            payload: &RawValue,
-            accepted_us: u32,
-        ) -> Result<Published, BrokerError> {
-            #[cfg(debug_assertions)]
-            if self.panic_topic.get().is_some_and(|topic| topic == name) {
-                self.panic_under_lock();
-            }
-            let event = ServerMessage::Event {
-                topic: name,
-                message: EventMessage { id, payload },
-            };
-            let id = uuid::Uuid::try_parse(id).map_or(0, |uuid| uuid.as_u128());
-            self.number_and_queue(name, id, &Unfinished::new(&event), accepted_us)
-        }
-
         /// Numbers an event, appends it to the topic's ring and queues it for every
         /// subscriber, without waiting for any: a subscriber whose queue is full is cut as a
         /// slow consumer. Returns the event's `seq`, and a subscriber whose writer is behind.
-        fn number_and_queue(
+        /// `id` is the message id as a number (0 for none); `accepted_us` when the publish was
+        /// accepted ([`Shared::clock_us`](crate::state::Shared::clock_us)).
+        pub(crate) fn number_and_queue(
             &self,
             name: &str,
             id: u128,
             event: &Unfinished,
             accepted_us: u32,
         ) -> Result<Published, BrokerError> {
+            #[cfg(debug_assertions)]
+            if self.panic_topic.get().is_some_and(|topic| topic == name) {
+                self.panic_under_lock();
+            }
             // Declared before the guard, so dropped after it: writers are woken once the lock is
             // released (each wake-up is a system call that may hand the CPU to the writer it
             // wakes), and also if anything below panics.
@@ -2629,50 +2905,13 @@ pub(crate) mod broker {
             let time = SystemTime::now().max(state.last_event_time.unwrap_or(UNIX_EPOCH));
             state.last_event_time = Some(time);
             let frame = event.with_time_and_seq(time, seq);
-            state.published += 1;
-            let entry = RingEntry {
+            let event = RingEntry {
                 seq,
-                frame: frame.clone(),
-                order: state.published,
+                frame,
+                order: 0,
                 id,
             };
-            topic.retain(entry, self.limits.ring_size, &mut state.retention);
-            let live = Arc::new(LiveEvent { frame, accepted_us });
-            let mut overflowed = Vec::new();
-            let mut behind = None;
-            for subscriber in &topic.subscribers {
-                let control = &subscriber.control;
-                let queued = control.count_queued();
-                if queued == control.wake_at {
-                    // Half the queue: a lingering writer must not linger on.
-                    wakes.0.push(Arc::clone(control));
-                }
-                if queued >= control.wake_at && behind.is_none() && control.is_behind() {
-                    behind = Some(Arc::clone(control));
-                }
-                match subscriber.tx.try_send(Outgoing::Event(Arc::clone(&live))) {
-                    Ok(()) => {
-                        topic.delivered += 1;
-                        if control.take_asleep() {
-                            wakes.0.push(Arc::clone(control));
-                        }
-                    }
-                    Err(TrySendError::Full(_)) => {
-                        overflowed.push((subscriber.session, Ending::SlowConsumer))
-                    }
-                    // Its writer is gone and its reader will close the session: drop it now.
-                    Err(TrySendError::Disconnected(_)) => {
-                        overflowed.push((subscriber.session, Ending::Open))
-                    }
-                }
-            }
-            let name = Arc::clone(&topic.name);
-            let delivered = topic.subscribers.len() - overflowed.len();
-            state.delivered += delivered as u64;
-            for (session, why) in overflowed {
-                state.cut(session, why, Some((Arc::clone(&name), seq - 1)));
-            }
-            state.enforce_retention(self.limits.retained_bytes);
+            let behind = state.deliver(name, event, accepted_us, &self.limits, &mut wakes);
             Ok(Published {
                 seq,
                 duplicate: false,
@@ -2707,6 +2946,18 @@ pub(crate) mod broker {
     }
 
     impl Topic {
+        fn new(name: Arc<str>, epoch: String) -> Topic {
+            Topic {
+                name,
+                epoch,
+                last_seq: 0,
+                ring: VecDeque::new(),
+                ids: HashMap::new(),
+                subscribers: Vec::new(),
+                delivered: 0,
+            }
+        }
+
         /// Appends an event to the ring, dropping its oldest beyond `ring_size`.
         fn retain(&mut self, entry: RingEntry, ring_size: usize, retention: &mut Retention) {
             if ring_size == 0 {
@@ -2792,6 +3043,100 @@ pub(crate) mod broker {
     }
 
     impl Registry {
+        /// Appends an event to its topic's ring without delivering it: history the cluster
+        /// holds, mirrored.
+        fn retain(&mut self, name: &str, mut event: RingEntry, limits: &Limits) {
+            let Some(topic) = self.topics.get_mut(name) else {
+                return;
+            };
+            self.ordered += 1;
+            event.order = self.ordered;
+            topic.retain(event, limits.ring_size, &mut self.retention);
+        }
+
+        /// Unsubscribes every subscriber of topic `name`, each told with `notice` finished with
+        /// the topic's last `seq`: the last event it was sent.
+        fn unsubscribe_all(&mut self, name: &str, notice: &Unfinished) {
+            let Some(topic) = self.topics.get_mut(name) else {
+                return;
+            };
+            let frame = notice.with_seq(topic.last_seq);
+            let mut overflowed = Vec::new();
+            for subscriber in topic.subscribers.drain(..) {
+                if let Some(session) = self.sessions.get_mut(&subscriber.session) {
+                    session.topics.retain(|t| &**t != name);
+                }
+                let notice = Outgoing::text(frame.clone());
+                if subscriber.tx.try_send(notice).is_err() {
+                    overflowed.push(subscriber.session);
+                }
+                subscriber.control.wake_writer();
+            }
+            for session in overflowed {
+                self.cut(session, Ending::SlowConsumer, None);
+            }
+        }
+
+        /// Appends `event`, numbered by the caller as its topic's new last `seq`, to the ring
+        /// and queues it for every subscriber, without waiting for any: a subscriber whose
+        /// queue is full is cut as a slow consumer. Returns a subscriber whose writer is behind
+        /// ([`SessionControl::is_behind`]); the writers to wake go to `wakes`.
+        fn deliver(
+            &mut self,
+            name: &str,
+            mut event: RingEntry,
+            accepted_us: u32,
+            limits: &Limits,
+            wakes: &mut WakeOnDrop,
+        ) -> Option<Arc<SessionControl>> {
+            let topic = self.topics.get_mut(name)?;
+            let seq = event.seq;
+            self.published += 1;
+            self.ordered += 1;
+            event.order = self.ordered;
+            let live = Arc::new(LiveEvent {
+                frame: event.frame.clone(),
+                accepted_us,
+            });
+            topic.retain(event, limits.ring_size, &mut self.retention);
+            let mut overflowed = Vec::new();
+            let mut behind = None;
+            for subscriber in &topic.subscribers {
+                let control = &subscriber.control;
+                let queued = control.count_queued();
+                if queued == control.wake_at {
+                    // Half the queue: a lingering writer must not linger on.
+                    wakes.0.push(Arc::clone(control));
+                }
+                if queued >= control.wake_at && behind.is_none() && control.is_behind() {
+                    behind = Some(Arc::clone(control));
+                }
+                match subscriber.tx.try_send(Outgoing::Event(Arc::clone(&live))) {
+                    Ok(()) => {
+                        topic.delivered += 1;
+                        if control.take_asleep() {
+                            wakes.0.push(Arc::clone(control));
+                        }
+                    }
+                    Err(TrySendError::Full(_)) => {
+                        overflowed.push((subscriber.session, Ending::SlowConsumer))
+                    }
+                    // Its writer is gone and its reader will close the session: drop it now.
+                    Err(TrySendError::Disconnected(_)) => {
+                        overflowed.push((subscriber.session, Ending::Open))
+                    }
+                }
+            }
+            let name = Arc::clone(&topic.name);
+            let delivered = topic.subscribers.len() - overflowed.len();
+            self.delivered += delivered as u64;
+            for (session, why) in overflowed {
+                self.cut(session, why, Some((Arc::clone(&name), seq - 1)));
+            }
+            self.enforce_retention(limits.retained_bytes);
+            behind
+        }
+
         /// Drops the oldest events of all topics until the rings hold `limit` bytes at most.
         fn enforce_retention(&mut self, limit: usize) {
             while self.retention.bytes > limit {
@@ -3234,7 +3579,7 @@ pub(crate) mod broker {
         fn deleting_a_topic_notifies_and_unsubscribes() {
             let (broker, rx, control) = broker_with_session(10, 10);
             subscribe(&broker, Replay::LastN(0)).unwrap();
-            broker.remove_topic("t", "gone".into()).unwrap();
+            broker.remove_topic("t", None, "gone".into()).unwrap();
             assert_eq!(next(&rx), ["gone"]);
             assert_eq!(broker.totals(), (0, 0));
             assert_eq!(control.ending(), Ending::Open);
@@ -3243,7 +3588,7 @@ pub(crate) mod broker {
                 Err(BrokerError::TopicNotFound)
             );
             assert_eq!(
-                broker.remove_topic("t", "gone".into()),
+                broker.remove_topic("t", None, "gone".into()),
                 Err(BrokerError::TopicNotFound)
             );
         }
@@ -3297,7 +3642,7 @@ pub(crate) mod broker {
             assert_eq!(seqs("t"), [2, 3, 4]);
             assert_eq!(seqs("u"), [2, 3]);
             assert_eq!(broker.snapshot(0).retained_bytes, 5 * frame);
-            broker.remove_topic("u", "gone".into()).unwrap();
+            broker.remove_topic("u", None, "gone".into()).unwrap();
             assert_eq!(broker.snapshot(0).retained_bytes, 3 * frame);
             // A message larger than the whole limit is delivered but kept nowhere.
             let huge = "x".repeat(6 * frame);
@@ -3334,8 +3679,97 @@ pub(crate) mod broker {
                 broker.add_topic("t", "G".to_string()),
                 Err(BrokerError::TopicExists)
             );
-            broker.remove_topic("u", "gone".into()).unwrap();
+            broker.remove_topic("u", None, "gone".into()).unwrap();
             broker.add_topic("v", "G".to_string()).unwrap();
+        }
+
+        /// Events numbered elsewhere are delivered exactly when they are the next of their
+        /// topic and epoch; anything else is reported, not delivered.
+        #[test]
+        fn applied_events_are_delivered_only_in_order() {
+            let (broker, rx, _) = broker_with_session(10, 10);
+            subscribe(&broker, Replay::LastN(0)).unwrap();
+            let apply = |epoch, seq| broker.apply("t", epoch, seq, format!("e{seq}").into(), 0);
+            assert_eq!(apply("E", 1), Applied::Delivered);
+            assert_eq!(next(&rx), ["e1"]);
+            assert_eq!(apply("E", 1), Applied::Duplicate);
+            assert_eq!(apply("E", 3), Applied::Gap { last: 1 });
+            assert_eq!(apply("F", 2), Applied::Unknown);
+            assert_eq!(
+                broker.apply("nope", "E", 1, "x".into(), 0),
+                Applied::Unknown
+            );
+            assert_eq!(next(&rx), ["Err(Empty)"]);
+            assert_eq!(apply("E", 2), Applied::Delivered);
+            assert_eq!(next(&rx), ["e2"]);
+            assert_eq!(broker.position("t"), Some(("E".to_string(), 2)));
+        }
+
+        /// A mirror delivers what its subscribers lack when the entries reach back to it, and
+        /// otherwise unsubscribes them with the notice finished with the last seq they got.
+        #[test]
+        fn a_mirror_catches_up_or_tells_subscribers_where_they_were() {
+            let (broker, rx, _) = broker_with_session(10, 10);
+            subscribe(&broker, Replay::LastN(0)).unwrap();
+            let entries = |seqs: std::ops::RangeInclusive<u64>| -> Vec<(u64, Utf8Bytes)> {
+                seqs.map(|seq| (seq, format!("e{seq}").into())).collect()
+            };
+            let notice = unfinished("gap");
+            let mirrored = broker.mirror("t", "E", 3, entries(1..=3), &notice);
+            assert_eq!(mirrored, Mirrored::CaughtUp(3));
+            assert_eq!(
+                [next(&rx), next(&rx), next(&rx)].concat(),
+                ["e1", "e2", "e3"]
+            );
+            assert_eq!(
+                broker.mirror("t", "E", 3, entries(1..=3), &notice),
+                Mirrored::Unchanged
+            );
+            // Redis now holds 8 to 9 only: 4 to 7 are gone.
+            assert_eq!(
+                broker.mirror("t", "E", 9, entries(8..=9), &notice),
+                Mirrored::Reset
+            );
+            assert_eq!(next(&rx), [r#"{"m":"gap","seq":3}"#]);
+            assert_eq!(broker.topic_stats()[0].subscribers, 0, "unsubscribed");
+            assert_eq!(broker.position("t"), Some(("E".to_string(), 9)));
+            let history = broker.history("t", 0, usize::MAX).unwrap();
+            assert_eq!(
+                history.entries.iter().map(|e| e.seq).collect::<Vec<_>>(),
+                [8, 9]
+            );
+            // Another epoch starts the topic again too; a topic never seen is added.
+            assert_eq!(
+                broker.mirror("t", "F", 0, Vec::new(), &notice),
+                Mirrored::Reset
+            );
+            assert_eq!(
+                broker.mirror("u", "G", 2, entries(1..=2), &notice),
+                Mirrored::Added
+            );
+            assert_eq!(broker.history("u", 0, usize::MAX).unwrap().entries.len(), 2);
+        }
+
+        /// A publisher waiting for its event returns once another thread has applied it, or at
+        /// its deadline.
+        #[test]
+        fn a_publisher_waits_for_its_event_to_be_applied() {
+            let (broker, _rx, _) = broker_with_session(10, 10);
+            let broker = Arc::new(broker);
+            assert!(!broker.wait_applied("t", "E", 1, Duration::from_millis(20)));
+            let applier = {
+                let broker = Arc::clone(&broker);
+                thread::spawn(move || {
+                    thread::sleep(Duration::from_millis(20));
+                    broker.apply("t", "E", 1, "e1".into(), 0)
+                })
+            };
+            let started = Instant::now();
+            assert!(broker.wait_applied("t", "E", 1, Duration::from_secs(10)));
+            assert!(started.elapsed() < Duration::from_secs(5));
+            assert_eq!(applier.join().unwrap(), Applied::Delivered);
+            // Another epoch means the awaited event will never come here: no wait.
+            assert!(broker.wait_applied("t", "F", 5, Duration::from_secs(10)));
         }
 
         #[test]
@@ -3367,8 +3801,12 @@ mod state {
     use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
     use std::time::{Duration, Instant};
 
-    use super::broker::{self, Broker};
+    use serde_json::value::RawValue;
+
+    use super::backplane::{catch_up, Backplane, CallError, Numbered, APPLY_WAIT};
+    use super::broker::{self, new_epoch, Broker, BrokerError, Published};
     use super::config::Config;
+    use super::protocol::{EventMessage, Failure, ServerMessage, Unfinished};
     use super::rest_proxy::RestBackends;
 
     /// What every thread shares, for the life of the process.
@@ -3386,10 +3824,16 @@ mod state {
         pub(crate) next_connection_id: AtomicU64,
         /// Connections to tiny_http; REST requests are pumped there.
         pub(crate) rest_backends: RestBackends,
+        /// Cluster mode's link to Redis; `None` in memory mode (`REDIS_URL` unset).
+        pub(crate) backplane: Option<Backplane>,
     }
 
     impl Shared {
-        pub(crate) fn new(config: Config, rest_backends: RestBackends) -> Shared {
+        pub(crate) fn new(
+            config: Config,
+            rest_backends: RestBackends,
+            backplane: Option<Backplane>,
+        ) -> Shared {
             let broker = Broker::new(broker::Limits {
                 ring_size: config.ring_size,
                 retained_bytes: config.max_retained_bytes,
@@ -3411,6 +3855,107 @@ mod state {
                 shutting_down: AtomicBool::new(false),
                 next_connection_id: AtomicU64::new(1),
                 rest_backends,
+                backplane,
+            }
+        }
+
+        /// Creates a topic: in this process, or cluster-wide in cluster mode.
+        pub(crate) fn create_topic(&self, name: &str) -> Result<(), Failure> {
+            let epoch = new_epoch();
+            let Some(backplane) = &self.backplane else {
+                let created = self.broker.add_topic(name, epoch);
+                return created.map_err(|error| Failure::from_broker(error, name));
+            };
+            let exists = |error| Err(Failure::from_broker(error, name));
+            match backplane.create(name, &epoch) {
+                Ok(Some(true)) => {
+                    // Mirrored at once, so that this instance's next request finds it; should Redis
+                    // fail just now, the backplane thread mirrors it when it catches up.
+                    let _ = catch_up(self, backplane, name);
+                    Ok(())
+                }
+                Ok(Some(false)) => exists(BrokerError::TopicExists),
+                Ok(None) => exists(BrokerError::TooManyTopics),
+                Err(error) => Err(backplane.unavailable(&error)),
+            }
+        }
+
+        /// Deletes a topic, here or cluster-wide; its subscribers are told and stay connected.
+        pub(crate) fn delete_topic(&self, name: &str) -> Result<(), Failure> {
+            let notice = ServerMessage::topic_deleted(name);
+            let Some(backplane) = &self.backplane else {
+                let removed = self.broker.remove_topic(name, None, notice);
+                return removed.map_err(|error| Failure::from_broker(error, name));
+            };
+            match backplane.delete(name) {
+                Ok(true) => {
+                    let _ = self.broker.remove_topic(name, None, notice);
+                    Ok(())
+                }
+                Ok(false) => Err(Failure::from_broker(BrokerError::TopicNotFound, name)),
+                Err(error) => Err(backplane.unavailable(&error)),
+            }
+        }
+
+        /// Publishes a message, from WebSocket or HTTP alike: its event is serialized once, here,
+        /// then numbered by the broker, or in cluster mode by the backplane, in which case the
+        /// answer waits (a moment at most) until this instance has delivered it, so that a
+        /// subscriber here gets the event before the publisher its ack. `id` is canonical (see
+        /// [`required_message_id`](crate::protocol::required_message_id)).
+        pub(crate) fn publish(
+            &self,
+            name: &str,
+            id: &str,
+            payload: &RawValue,
+        ) -> Result<Published, Failure> {
+            let event = ServerMessage::Event {
+                topic: name,
+                message: EventMessage { id, payload },
+            };
+            let event = Unfinished::new(&event);
+            let Some(backplane) = &self.backplane else {
+                let id = uuid::Uuid::try_parse(id).map_or(0, |uuid| uuid.as_u128());
+                let published = self
+                    .broker
+                    .number_and_queue(name, id, &event, self.clock_us());
+                return published.map_err(|error| Failure::from_broker(error, name));
+            };
+            let (seq, duplicate) = match backplane.number(name, id, &event) {
+                Ok(Numbered::Published { epoch, seq }) => {
+                    self.broker.wait_applied(name, &epoch, seq, APPLY_WAIT);
+                    (seq, false)
+                }
+                Ok(Numbered::Duplicate { seq }) => (seq, true),
+                Ok(Numbered::NoTopic) => {
+                    return Err(Failure::from_broker(BrokerError::TopicNotFound, name));
+                }
+                Err(error) => {
+                    let mut failure = backplane.unavailable(&error);
+                    if matches!(error, CallError::Unknown(_)) {
+                        // Never retried here: the client decides, and a retry with this id is safe.
+                        failure.message += &format!(
+                                    "; publish again with message id {id}: if it was published, the repeat is \
+                                     answered with its seq and nothing is published twice"
+                                );
+                    }
+                    return Err(failure);
+                }
+            };
+            Ok(Published {
+                seq,
+                duplicate,
+                behind: None,
+            })
+        }
+
+        /// In cluster mode, mirrors topic `name` from Redis if this instance has not heard of it
+        /// yet; true when it exists here now.
+        pub(crate) fn refresh(&self, name: &str) -> bool {
+            match &self.backplane {
+                Some(backplane) => {
+                    catch_up(self, backplane, name).is_ok() && self.broker.position(name).is_some()
+                }
+                None => false,
             }
         }
 
@@ -4710,7 +5255,13 @@ pub(crate) mod ws {
                     return None;
                 }
                 let ack = Unfinished::new(&ack(topic, None));
-                let reply = match broker.subscribe(reader.id, topic, &ack, replay) {
+                let mut subscribed = broker.subscribe(reader.id, topic, &ack, replay);
+                // A topic created on another instance a moment ago may not be mirrored yet.
+                let missing = matches!(subscribed, Err(BrokerError::TopicNotFound));
+                if missing && reader.shared.refresh(topic) {
+                    subscribed = broker.subscribe(reader.id, topic, &ack, replay);
+                }
+                let reply = match subscribed {
                     Ok(item) => {
                         log::debug!(
                             "{}: client {client_id:?} subscribed to {topic:?} ({replay:?})",
@@ -4731,11 +5282,15 @@ pub(crate) mod ws {
                         reader.peer
                     );
                 }
-                result.map(|()| (topic, None))
+                result
+                    .map(|()| (topic, None))
+                    .map_err(|error| broker_failure(error, topic))
             }
-            Operation::Publish { topic, id, payload } => broker
-                .publish(topic, id, payload, reader.shared.clock_us())
-                .map(|published| (topic, Some(published))),
+            Operation::Publish { topic, id, payload } => reader
+                .shared
+                .publish(topic, id, payload)
+                .map(|published| (topic, Some(published)))
+                .map_err(Some),
         };
         match outcome {
             Ok((topic, mut published)) => {
@@ -4745,10 +5300,7 @@ pub(crate) mod ws {
                     .set(published.as_mut().and_then(|p| p.behind.take()));
                 Some(reply)
             }
-            Err(error) => {
-                let topic = request.op.topic().unwrap_or_default();
-                broker_refusal(error, request_id, topic, &ts)
-            }
+            Err(failure) => failure.map(|failure| failure_reply(&failure, request_id, &ts)),
         }
     }
 
@@ -4765,8 +5317,13 @@ pub(crate) mod ws {
         topic: &str,
         ts: &str,
     ) -> Option<Outgoing> {
-        let failure = Failure::from_broker(error, topic);
-        (error != BrokerError::SessionEnded).then(|| failure_reply(&failure, request_id, ts))
+        let failure = broker_failure(error, topic)?;
+        Some(failure_reply(&failure, request_id, ts))
+    }
+
+    /// What the client is told of a broker refusal: nothing once the session has been cut.
+    fn broker_failure(error: BrokerError, topic: &str) -> Option<Failure> {
+        (error != BrokerError::SessionEnded).then(|| Failure::from_broker(error, topic))
     }
 
     /// The reading side of a WebSocket's socket. It writes the handshake response; after that its
@@ -6018,11 +6575,11 @@ mod rest {
     use tungstenite::http::StatusCode;
 
     use super::auth;
-    use super::broker::{self, new_epoch};
+    use super::broker::{self, BrokerError};
     use super::console::CONSOLE_HTML;
     use super::protocol::{
         check_payload, is_valid_topic_name, parse_object, required_message_id, required_string,
-        timestamp, ErrorCode, Failure, RawMessage, ServerMessage, TOPIC_NAME_RULE,
+        ErrorCode, Failure, RawMessage, TOPIC_NAME_RULE,
     };
     use super::state::{Shared, LATENCY_BUCKETS_US};
 
@@ -6357,26 +6914,16 @@ mod rest {
                 "invalid topic name {name:?}: {TOPIC_NAME_RULE}"
             )));
         }
-        match shared.broker.add_topic(&name, new_epoch()) {
-            Ok(()) => {
-                log::info!("topic {name:?} created");
-                Ok(RestReply::json(
-                    201,
-                    serde_json::json!({"status": "created", "topic": name}).to_string(),
-                ))
-            }
-            Err(error) => Err(Failure::from_broker(error, &name)),
-        }
+        shared.create_topic(&name)?;
+        log::info!("topic {name:?} created");
+        Ok(RestReply::json(
+            201,
+            serde_json::json!({"status": "created", "topic": name}).to_string(),
+        ))
     }
 
     fn delete_topic(name: &str, shared: &Shared) -> Result<RestReply, Failure> {
-        let notice = ServerMessage::Info {
-            topic: Some(name),
-            msg: "topic_deleted",
-            ts: &timestamp(),
-        }
-        .to_frame();
-        match shared.broker.remove_topic(name, notice) {
+        match shared.delete_topic(name) {
             Ok(()) => {
                 log::info!("topic {name:?} deleted");
                 Ok(RestReply::json(
@@ -6384,7 +6931,7 @@ mod rest {
                     serde_json::json!({"status": "deleted", "topic": name}).to_string(),
                 ))
             }
-            Err(error) => Err(Failure::from_broker(error, name)),
+            Err(failure) => Err(failure),
         }
     }
 
@@ -6410,10 +6957,7 @@ mod rest {
             None => uuid::Uuid::new_v4().hyphenated().to_string(),
             Some(id) => required_message_id(Some(id), "id").map_err(Failure::bad_request)?,
         };
-        let published = shared
-            .broker
-            .publish(name, &id, payload, shared.clock_us())
-            .map_err(|error| Failure::from_broker(error, name))?;
+        let published = shared.publish(name, &id, payload)?;
         let answer = HttpPublished {
             status: "published",
             topic: name,
@@ -6494,10 +7038,13 @@ mod rest {
             ));
         }
         let last_n = last_n.map_or(usize::MAX, |n| usize::try_from(n).unwrap_or(usize::MAX));
-        let history = shared
-            .broker
-            .history(name, since_seq.unwrap_or(0), last_n)
-            .map_err(|error| Failure::from_broker(error, name))?;
+        let read = || shared.broker.history(name, since_seq.unwrap_or(0), last_n);
+        let mut history = read();
+        // A topic created on another instance a moment ago may not be mirrored yet.
+        if matches!(history, Err(BrokerError::TopicNotFound)) && shared.refresh(name) {
+            history = read();
+        }
+        let history = history.map_err(|error| Failure::from_broker(error, name))?;
         let messages = history
             .entries
             .iter()
@@ -6528,20 +7075,38 @@ mod rest {
         ))
     }
 
+    /// `GET /health`: 200 with a few counts; in cluster mode also the backplane's state, and
+    /// 503 while it is down, so that a load balancer drains this instance.
     fn health(shared: &Shared) -> RestReply {
         #[derive(Serialize)]
-        struct Health {
+        struct Health<'a> {
             uptime_sec: u64,
             topics: usize,
             subscribers: usize,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            backplane: Option<BackplaneHealth<'a>>,
+        }
+        #[derive(Serialize)]
+        struct BackplaneHealth<'a> {
+            redis: &'a str,
+            up: bool,
         }
         let (topics, subscribers) = shared.broker.totals();
+        let backplane = shared.backplane.as_ref().map(|backplane| BackplaneHealth {
+            redis: backplane.address(),
+            up: backplane.is_up(),
+        });
+        let status = match &backplane {
+            Some(backplane) if !backplane.up => 503,
+            _ => 200,
+        };
         let health = Health {
             uptime_sec: shared.started.elapsed().as_secs(),
             topics,
             subscribers,
+            backplane,
         };
-        RestReply::json(200, serde_json::to_string(&health).unwrap_or_default())
+        RestReply::json(status, serde_json::to_string(&health).unwrap_or_default())
     }
 
     fn stats(shared: &Shared) -> RestReply {
@@ -6698,10 +7263,29 @@ mod rest {
         },
         Family {
             name: "pubsub_heartbeat_reaps_total",
-            kind: "counter",
-            help: "Connections dropped after two silent heartbeat intervals.",
-            samples: |s| one(load(&s.shared.metrics.heartbeat_reaps)),
-        },
+                kind: "counter",
+                help: "Connections dropped after two silent heartbeat intervals.",
+                samples: |s| one(load(&s.shared.metrics.heartbeat_reaps)),
+            },
+            Family {
+                name: "pubsub_backplane_up",
+                kind: "gauge",
+                help: "Cluster mode: 1 while this instance follows Redis, else 0; absent in memory mode.",
+                samples: |s| match &s.shared.backplane {
+                    Some(backplane) => one(u64::from(backplane.is_up())),
+                    None => Vec::new(),
+                },
+            },
+            Family {
+                name: "pubsub_backplane_subscription_gaps_total",
+                kind: "counter",
+                help: "Cluster mode: times a topic's subscribers here were told to resume \
+                       (SUBSCRIPTION_GAP) because Redis no longer held what they missed or the epoch changed.",
+                samples: |s| match &s.shared.backplane {
+                    Some(backplane) => one(load(&backplane.resets)),
+                    None => Vec::new(),
+                },
+            },
         Family {
             name: "pubsub_rest_requests_total",
             kind: "counter",
@@ -6769,6 +7353,647 @@ mod rest {
             content_type: PROMETHEUS_TEXT,
             ..RestReply::json(200, out)
         }
+    }
+}
+
+mod backplane {
+    //! Cluster mode: several instances that point at one Redis (`REDIS_URL`) share the set of
+    //! topics, each topic's `epoch` and numbering, its history and its events. Redis is the
+    //! backplane, in the way Centrifugo uses it: a Lua script numbers each publish (`HINCRBY`),
+    //! appends it to the topic's stream under that number (`XADD`, trimmed to `RING_SIZE`) and
+    //! `PUBLISH`es it to every instance, all atomically; creating and deleting topics are
+    //! scripts too. Each instance's broker keeps its rings as a mirror of the streams: one
+    //! backplane thread applies the events of the channel in order, fills a gap from the stream
+    //! (`XRANGE`), and when the stream no longer covers a gap, or the epoch changed, tells that
+    //! topic's local subscribers where they were so that they resume.
+    //!
+    //! Owns: the Redis connections, the scripts and the mirror's catching up. Must never: hold
+    //! the broker lock across a Redis call, retry a publish whose outcome is unknown, or log
+    //! the URL's credentials. What stays per instance: connections, queues, slow-consumer cuts,
+    //! heartbeats, `MAX_CONNECTIONS`, subscriber counts and `/metrics`.
+
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::{Arc, Mutex, PoisonError};
+    use std::thread;
+    use std::time::Duration;
+
+    use redis::{Connection, RedisError, RedisResult, Script};
+    use tungstenite::http::StatusCode;
+    use tungstenite::Utf8Bytes;
+
+    use super::broker::{new_epoch, Applied};
+    use super::protocol::{timestamp, ErrorCode, Failure, ServerMessage, Unfinished};
+    use super::state::Shared;
+
+    /// The longest a Redis call may take: connecting, or one command's round trip. A publish,
+    /// create or delete fails after it rather than hang.
+    const TIMEOUT: Duration = Duration::from_secs(1);
+
+    /// How long a publisher waits for the backplane thread to apply its own event, so that a
+    /// subscriber on this instance has it before the publisher's ack, as in memory mode.
+    pub(crate) const APPLY_WAIT: Duration = Duration::from_secs(1);
+
+    /// Reconnection backoff: from the first to the last, doubling.
+    const BACKOFF_FIRST: Duration = Duration::from_millis(50);
+    const BACKOFF_LAST: Duration = Duration::from_secs(2);
+
+    /// Command connections kept for reuse; more are opened while every one is busy.
+    const IDLE_CONNECTIONS: usize = 64;
+
+    /// The channel every instance subscribes to: `E name epoch seq frame` for an event,
+    /// `C name epoch` for a topic created (or given a new epoch), `D name epoch` for one
+    /// deleted. Topic names hold no spaces.
+    const CHANNEL: &str = "pubsub:events";
+    const TOPICS_KEY: &str = "pubsub:topics";
+
+    /// Formats Redis's clock, in milliseconds, as the RFC 3339 `ts` every event carries
+    /// (days to civil date: Howard Hinnant's algorithm).
+    const LUA_RFC3339: &str = r"
+local function rfc3339(ms)
+  local s = math.floor(ms / 1000)
+  local days = math.floor(s / 86400)
+  local rem = s - days * 86400
+  local z = days + 719468
+  local era = math.floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524) - math.floor(doe / 146096)) / 365)
+  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+  local mp = math.floor((5 * doy + 2) / 153)
+  local d = doy - math.floor((153 * mp + 2) / 5) + 1
+  local m = mp < 10 and mp + 3 or mp - 9
+  local y = yoe + era * 400
+  if m <= 2 then y = y + 1 end
+  return string.format('%04d-%02d-%02dT%02d:%02d:%02d.%03dZ', y, m, d,
+    math.floor(rem / 3600), math.floor(rem % 3600 / 60), rem % 60, ms % 1000)
+end
+";
+
+    /// KEYS: meta, stream, ids. ARGV: the event without its closing brace, the message id
+    /// ('' for none), RING_SIZE, the channel, the topic. Returns {1, seq, epoch} when
+    /// published, {2, seq, epoch} for an id the stream still holds (nothing published), {0, 0,
+    /// ''} when the topic does not exist. `ts` is Redis's clock, never behind the topic's last.
+    const LUA_PUBLISH: &str = r#"
+local epoch = redis.call('HGET', KEYS[1], 'e')
+if not epoch then return {0, 0, ''} end
+if ARGV[2] ~= '' then
+  local seen = redis.call('HGET', KEYS[3], ARGV[2])
+  if seen then return {2, tonumber(seen), epoch} end
+end
+local seq = redis.call('HINCRBY', KEYS[1], 's', 1)
+local now = redis.call('TIME')
+local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local last = tonumber(redis.call('HGET', KEYS[1], 'ms') or '0')
+if ms < last then ms = last end
+redis.call('HSET', KEYS[1], 'ms', ms)
+local frame = ARGV[1] .. ',"ts":"' .. rfc3339(ms) .. '","seq":' .. seq .. '}'
+local ring = tonumber(ARGV[3])
+if ring > 0 then
+  redis.call('XADD', KEYS[2], seq .. '-0', 'f', frame, 'i', ARGV[2])
+  local over = redis.call('XLEN', KEYS[2]) - ring
+  if over > 0 then
+    for _, entry in ipairs(redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', over)) do
+      if entry[2][4] ~= '' then redis.call('HDEL', KEYS[3], entry[2][4]) end
+    end
+    redis.call('XTRIM', KEYS[2], 'MAXLEN', ring)
+  end
+  if ARGV[2] ~= '' then redis.call('HSET', KEYS[3], ARGV[2], seq) end
+end
+redis.call('PUBLISH', ARGV[4], 'E ' .. ARGV[5] .. ' ' .. epoch .. ' ' .. seq .. ' ' .. frame)
+return {1, seq, epoch}
+"#;
+
+    /// KEYS: meta, stream, ids, the topic set. ARGV: name, epoch, MAX_TOPICS, the channel.
+    /// Returns 1 when created, 0 when it exists, -1 at MAX_TOPICS.
+    const LUA_CREATE: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+if redis.call('SCARD', KEYS[4]) >= tonumber(ARGV[3]) then return -1 end
+redis.call('DEL', KEYS[2], KEYS[3])
+redis.call('HSET', KEYS[1], 'e', ARGV[2], 's', 0)
+redis.call('SADD', KEYS[4], ARGV[1])
+redis.call('PUBLISH', ARGV[4], 'C ' .. ARGV[1] .. ' ' .. ARGV[2])
+return 1
+";
+
+    /// KEYS: meta, stream, ids, the topic set. ARGV: name, the channel. Returns 1 when
+    /// deleted, 0 when there was no such topic.
+    const LUA_DELETE: &str = r"
+local epoch = redis.call('HGET', KEYS[1], 'e')
+if not epoch then return 0 end
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+redis.call('SREM', KEYS[4], ARGV[1])
+redis.call('PUBLISH', ARGV[2], 'D ' .. ARGV[1] .. ' ' .. epoch)
+return 1
+";
+
+    /// KEYS: meta, stream. ARGV: the first seq wanted. Returns {} for no such topic, else
+    /// {epoch, last seq, then stream id and frame of each entry from that seq on}.
+    const LUA_READ: &str = r"
+local epoch = redis.call('HGET', KEYS[1], 'e')
+if not epoch then return {} end
+local out = {epoch, redis.call('HGET', KEYS[1], 's')}
+for _, entry in ipairs(redis.call('XRANGE', KEYS[2], ARGV[1] .. '-0', '+')) do
+  out[#out + 1] = entry[1]
+  out[#out + 1] = entry[2][2]
+end
+return out
+";
+
+    /// KEYS: meta, stream, ids. ARGV: the epoch seen, a new epoch, name, the channel. Gives a
+    /// topic whose Redis came back older than what was seen of it a new epoch, so that no
+    /// `seq` is ever reused within one; only while it still has the epoch seen. Returns 1
+    /// when it did.
+    const LUA_REBASE: &str = r"
+if redis.call('HGET', KEYS[1], 'e') ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[2], KEYS[3])
+redis.call('HSET', KEYS[1], 'e', ARGV[2])
+redis.call('PUBLISH', ARGV[4], 'C ' .. ARGV[3] .. ' ' .. ARGV[2])
+return 1
+";
+
+    /// The connection to Redis, shared by every thread of an instance.
+    pub(crate) struct Backplane {
+        client: redis::Client,
+        /// `redis://host:port/db`, without credentials: for logs and errors.
+        address: String,
+        idle: Mutex<Vec<Connection>>,
+        /// Set while the backplane thread is subscribed and has caught up.
+        linked: AtomicBool,
+        /// Cleared by a command that failed for want of Redis; set by one that got an answer.
+        reachable: AtomicBool,
+        /// Times a topic's subscribers were told to resume because the stream no longer held
+        /// what they missed or the epoch changed.
+        pub(crate) resets: AtomicU64,
+        publish: Script,
+        create: Script,
+        delete: Script,
+        read: Script,
+        rebase: Script,
+        ring_size: usize,
+        max_topics: usize,
+    }
+
+    /// What a publish's script did.
+    pub(crate) enum Numbered {
+        Published { epoch: String, seq: u64 },
+        Duplicate { seq: u64 },
+        NoTopic,
+    }
+
+    /// A topic as Redis holds it: its epoch, last seq, and the stream's entries asked for.
+    pub(crate) struct Held {
+        epoch: String,
+        last_seq: u64,
+        entries: Vec<(u64, Utf8Bytes)>,
+    }
+
+    /// Why a Redis call failed: before anything was sent, or after, when what it did is
+    /// unknown.
+    pub(crate) enum CallError {
+        Unavailable(RedisError),
+        Unknown(RedisError),
+    }
+
+    impl Backplane {
+        /// A backplane for `url` (checked by `config`), with no connection open yet.
+        pub(crate) fn new(
+            url: &str,
+            ring_size: usize,
+            max_topics: usize,
+        ) -> RedisResult<Backplane> {
+            let client = redis::Client::open(url)?;
+            let info = client.get_connection_info();
+            let address = format!("redis://{}/{}", info.addr, info.redis.db);
+            let script = |body: &str| Script::new(body);
+            Ok(Backplane {
+                client,
+                address,
+                idle: Mutex::default(),
+                linked: AtomicBool::new(false),
+                reachable: AtomicBool::new(true),
+                resets: AtomicU64::new(0),
+                publish: script(&format!("{LUA_RFC3339}{LUA_PUBLISH}")),
+                create: script(LUA_CREATE),
+                delete: script(LUA_DELETE),
+                read: script(LUA_READ),
+                rebase: script(LUA_REBASE),
+                ring_size,
+                max_topics,
+            })
+        }
+
+        /// `redis://host:port/db`, without credentials.
+        pub(crate) fn address(&self) -> &str {
+            &self.address
+        }
+
+        /// Whether this instance follows the cluster: subscribed, caught up, and Redis
+        /// answering.
+        pub(crate) fn is_up(&self) -> bool {
+            self.linked.load(Ordering::SeqCst) && self.reachable.load(Ordering::SeqCst)
+        }
+
+        /// Waits up to `limit` for the backplane thread's first link; true once linked.
+        pub(crate) fn wait_linked(&self, limit: Duration) -> bool {
+            let deadline = std::time::Instant::now() + limit;
+            while !self.linked.load(Ordering::SeqCst) {
+                if std::time::Instant::now() >= deadline {
+                    return false;
+                }
+                thread::sleep(Duration::from_millis(5));
+            }
+            true
+        }
+
+        /// The failure a client gets when Redis cannot be used.
+        pub(crate) fn unavailable(&self, error: &CallError) -> Failure {
+            let message = match error {
+                CallError::Unavailable(error) => format!(
+                    "the cluster backplane (Redis at {}) is unavailable: {error}",
+                    self.address
+                ),
+                CallError::Unknown(error) => format!(
+                    "the cluster backplane (Redis at {}) did not answer ({error}): whether it \
+                     was done is unknown",
+                    self.address
+                ),
+            };
+            Failure::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::Internal,
+                message,
+            )
+        }
+
+        /// Runs `call` on an idle connection, or a new one. A connection that failed is
+        /// dropped; one that answered, even with an error, is kept.
+        fn with_connection<T>(
+            &self,
+            call: impl FnOnce(&mut Connection) -> RedisResult<T>,
+        ) -> Result<T, CallError> {
+            let idle = self
+                .idle
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .pop();
+            let mut connection = match idle {
+                Some(connection) => connection,
+                None => self.connect().map_err(|error| {
+                    self.reachable.store(false, Ordering::SeqCst);
+                    CallError::Unavailable(error)
+                })?,
+            };
+            match call(&mut connection) {
+                Err(error) if error.is_io_error() || error.is_connection_dropped() => {
+                    self.reachable.store(false, Ordering::SeqCst);
+                    Err(CallError::Unknown(error))
+                }
+                result => {
+                    self.reachable.store(true, Ordering::SeqCst);
+                    let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+                    if idle.len() < IDLE_CONNECTIONS {
+                        idle.push(connection);
+                    }
+                    drop(idle);
+                    result.map_err(CallError::Unavailable)
+                }
+            }
+        }
+
+        fn connect(&self) -> RedisResult<Connection> {
+            let connection = self.client.get_connection_with_timeout(TIMEOUT)?;
+            connection.set_read_timeout(Some(TIMEOUT))?;
+            connection.set_write_timeout(Some(TIMEOUT))?;
+            Ok(connection)
+        }
+
+        /// Creates a topic cluster-wide: `Ok(true)` when created, `Ok(false)` when it exists;
+        /// `None` at `MAX_TOPICS`.
+        pub(crate) fn create(&self, name: &str, epoch: &str) -> Result<Option<bool>, CallError> {
+            let [meta, stream, ids] = keys(name);
+            let created: i64 = self.with_connection(|connection| {
+                self.create
+                    .key(meta)
+                    .key(stream)
+                    .key(ids)
+                    .key(TOPICS_KEY)
+                    .arg(name)
+                    .arg(epoch)
+                    .arg(self.max_topics)
+                    .arg(CHANNEL)
+                    .invoke(connection)
+            })?;
+            Ok(match created {
+                1 => Some(true),
+                0 => Some(false),
+                _ => None,
+            })
+        }
+
+        /// Deletes a topic cluster-wide; false when there was none.
+        pub(crate) fn delete(&self, name: &str) -> Result<bool, CallError> {
+            let [meta, stream, ids] = keys(name);
+            let deleted: i64 = self.with_connection(|connection| {
+                self.delete
+                    .key(meta)
+                    .key(stream)
+                    .key(ids)
+                    .key(TOPICS_KEY)
+                    .arg(name)
+                    .arg(CHANNEL)
+                    .invoke(connection)
+            })?;
+            Ok(deleted == 1)
+        }
+
+        /// Numbers a publish cluster-wide, stores it in the topic's stream and sends it to
+        /// every instance. `event` is the event without `ts` and `seq`; `id` the message's
+        /// canonical UUID.
+        pub(crate) fn number(
+            &self,
+            name: &str,
+            id: &str,
+            event: &Unfinished,
+        ) -> Result<Numbered, CallError> {
+            let [meta, stream, ids] = keys(name);
+            let (status, seq, epoch): (i64, u64, String) = self.with_connection(|connection| {
+                self.publish
+                    .key(meta)
+                    .key(stream)
+                    .key(ids)
+                    .arg(&event.0)
+                    .arg(id)
+                    .arg(self.ring_size)
+                    .arg(CHANNEL)
+                    .arg(name)
+                    .invoke(connection)
+            })?;
+            Ok(match status {
+                1 => Numbered::Published { epoch, seq },
+                2 => Numbered::Duplicate { seq },
+                _ => Numbered::NoTopic,
+            })
+        }
+
+        /// The topic as Redis holds it, with its stream's entries from seq `from` on; `None`
+        /// when there is no such topic.
+        fn read(&self, name: &str, from: u64) -> Result<Option<Held>, CallError> {
+            let [meta, stream, _] = keys(name);
+            let reply: Vec<String> = self.with_connection(|connection| {
+                self.read
+                    .key(meta)
+                    .key(stream)
+                    .arg(from.max(1))
+                    .invoke(connection)
+            })?;
+            let mut reply = reply.into_iter();
+            let (Some(epoch), Some(last_seq)) = (reply.next(), reply.next()) else {
+                return Ok(None);
+            };
+            let mut entries = Vec::new();
+            while let (Some(id), Some(frame)) = (reply.next(), reply.next()) {
+                let seq = id.split('-').next().and_then(|seq| seq.parse().ok());
+                entries.extend(seq.map(|seq| (seq, Utf8Bytes::from(frame))));
+            }
+            Ok(Some(Held {
+                epoch,
+                last_seq: last_seq.parse().unwrap_or(0),
+                entries,
+            }))
+        }
+
+        fn rebase(&self, name: &str, seen: &str, epoch: &str) -> Result<bool, CallError> {
+            let [meta, stream, ids] = keys(name);
+            let done: i64 = self.with_connection(|connection| {
+                self.rebase
+                    .key(meta)
+                    .key(stream)
+                    .key(ids)
+                    .arg(seen)
+                    .arg(epoch)
+                    .arg(name)
+                    .arg(CHANNEL)
+                    .invoke(connection)
+            })?;
+            Ok(done == 1)
+        }
+
+        fn topics(&self) -> Result<Vec<String>, CallError> {
+            self.with_connection(|connection| {
+                redis::cmd("SMEMBERS").arg(TOPICS_KEY).query(connection)
+            })
+        }
+    }
+
+    /// A topic's keys: its hash (`e` epoch, `s` last seq, `ms` last time), its stream, and the
+    /// message ids its stream holds (id → seq).
+    fn keys(name: &str) -> [String; 3] {
+        [
+            format!("pubsub:topic:{name}"),
+            format!("pubsub:stream:{name}"),
+            format!("pubsub:ids:{name}"),
+        ]
+    }
+
+    /// The backplane thread: subscribes to the channel, catches the mirror up with every
+    /// topic's stream, then applies the channel's messages in order. When the link drops, it
+    /// reconnects with backoff and catches up again. Runs until shutdown.
+    pub(crate) fn run_backplane(shared: &Arc<Shared>) {
+        let Some(backplane) = shared.backplane.as_ref() else {
+            return;
+        };
+        let mut backoff = BACKOFF_FIRST;
+        while !shared.is_shutting_down() {
+            let error = follow(shared, backplane, &mut backoff);
+            let was_linked = backplane.linked.swap(false, Ordering::SeqCst);
+            if shared.is_shutting_down() {
+                return;
+            }
+            if was_linked {
+                log::warn!(
+                    "backplane {}: link lost ({error}); reconnecting",
+                    backplane.address
+                );
+            } else {
+                log::debug!("backplane {}: cannot link: {error}", backplane.address);
+            }
+            thread::sleep(backoff);
+            backoff = (backoff * 2).min(BACKOFF_LAST);
+        }
+    }
+
+    /// Follows the channel until the link fails; returns why.
+    fn follow(shared: &Shared, backplane: &Backplane, backoff: &mut Duration) -> RedisError {
+        let mut connection = match backplane.client.get_connection_with_timeout(TIMEOUT) {
+            Ok(connection) => connection,
+            Err(error) => return error,
+        };
+        if let Err(error) = connection.set_read_timeout(Some(TIMEOUT)) {
+            return error;
+        }
+        let mut channel = connection.as_pubsub();
+        if let Err(error) = channel.subscribe(CHANNEL) {
+            return error;
+        }
+        // Subscribed first: whatever happens from now on arrives on the channel, and what came
+        // before is in the streams; events seen both ways are applied once, by seq.
+        if let Err(error) = catch_up_all(shared, backplane) {
+            return match error {
+                CallError::Unavailable(error) | CallError::Unknown(error) => error,
+            };
+        }
+        backplane.linked.store(true, Ordering::SeqCst);
+        *backoff = BACKOFF_FIRST;
+        log::info!("backplane {}: linked and caught up", backplane.address);
+        // A quiet channel is normal: no read timeout from here on. A dropped link ends the
+        // read at once; a hung Redis shows in the commands' timeouts.
+        if let Err(error) = channel.set_read_timeout(None) {
+            return error;
+        }
+        loop {
+            let message = match channel.get_message() {
+                Ok(message) => message,
+                Err(error) => return error,
+            };
+            let text = String::from_utf8_lossy(message.get_payload_bytes());
+            if let Err(error) = handle(shared, backplane, &text) {
+                match error {
+                    CallError::Unavailable(error) | CallError::Unknown(error) => return error,
+                }
+            }
+        }
+    }
+
+    /// Applies one message of the channel.
+    fn handle(shared: &Shared, backplane: &Backplane, message: &str) -> Result<(), CallError> {
+        let mut parts = message.splitn(5, ' ');
+        let (kind, name, epoch) = (parts.next(), parts.next(), parts.next());
+        let (Some(kind), Some(name), Some(epoch)) = (kind, name, epoch) else {
+            log::warn!("backplane: unreadable message {:?}", truncate(message));
+            return Ok(());
+        };
+        match kind {
+            "E" => {
+                let (Some(seq), Some(frame)) = (parts.next(), parts.next()) else {
+                    log::warn!("backplane: unreadable event {:?}", truncate(message));
+                    return Ok(());
+                };
+                let Ok(seq) = seq.parse::<u64>() else {
+                    return Ok(());
+                };
+                let frame = Utf8Bytes::from(frame.to_string());
+                let applied = shared
+                    .broker
+                    .apply(name, epoch, seq, frame, shared.clock_us());
+                match applied {
+                    Applied::Delivered | Applied::Duplicate => Ok(()),
+                    Applied::Gap { .. } | Applied::Unknown => catch_up(shared, backplane, name),
+                }
+            }
+            "C" => catch_up(shared, backplane, name),
+            "D" => {
+                let _ = shared
+                    .broker
+                    .remove_topic(name, Some(epoch), deletion_notice(name));
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn truncate(text: &str) -> &str {
+        let end = text.char_indices().nth(80).map_or(text.len(), |(i, _)| i);
+        &text[..end]
+    }
+
+    /// Catches every topic up: those Redis holds, and those only this instance still has
+    /// (deleted meanwhile, or all of them when Redis came back empty).
+    fn catch_up_all(shared: &Shared, backplane: &Backplane) -> Result<(), CallError> {
+        let mut names = backplane.topics()?;
+        names.extend(shared.broker.topic_stats().into_iter().map(|t| t.name));
+        names.sort_unstable();
+        names.dedup();
+        for name in names {
+            catch_up(shared, backplane, &name)?;
+        }
+        Ok(())
+    }
+
+    /// Makes the mirror of topic `name` match Redis: adds it, delivers what it lacks, starts
+    /// it again from Redis's state (its subscribers told where they were), or removes it.
+    /// When Redis holds less of a topic than was seen of it in the same epoch (it came back
+    /// from an older state), the topic gets a new epoch first, so that no seq is reused.
+    pub(crate) fn catch_up(
+        shared: &Shared,
+        backplane: &Backplane,
+        name: &str,
+    ) -> Result<(), CallError> {
+        let position = shared.broker.position(name);
+        let from = position.as_ref().map_or(1, |(_, last)| last + 1);
+        let mut held = backplane.read(name, from)?;
+        if let (Some((epoch, last)), Some(now)) = (&position, &held) {
+            if now.epoch == *epoch && now.last_seq < *last {
+                let fresh = new_epoch();
+                log::warn!(
+                    "backplane {}: topic {name:?} is at seq {} in Redis, behind the {last} seen: \
+                     Redis lost data; the topic takes a new epoch",
+                    backplane.address,
+                    now.last_seq
+                );
+                backplane.rebase(name, epoch, &fresh)?;
+                held = backplane.read(name, 1)?;
+            } else if now.epoch != *epoch {
+                held = backplane.read(name, 1)?;
+            }
+        }
+        let Some(held) = held else {
+            if let Some((epoch, _)) = position {
+                let _ = shared
+                    .broker
+                    .remove_topic(name, Some(&epoch), deletion_notice(name));
+            }
+            return Ok(());
+        };
+        let notice = resume_notice(name);
+        let mirrored =
+            shared
+                .broker
+                .mirror(name, &held.epoch, held.last_seq, held.entries, &notice);
+        if mirrored == super::broker::Mirrored::Reset {
+            backplane.resets.fetch_add(1, Ordering::Relaxed);
+            log::info!(
+                "backplane {}: topic {name:?} starts again at epoch {} seq {}; its subscribers \
+                 here were told to resume",
+                backplane.address,
+                held.epoch,
+                held.last_seq
+            );
+        }
+        Ok(())
+    }
+
+    fn deletion_notice(name: &str) -> Utf8Bytes {
+        ServerMessage::Info {
+            topic: Some(name),
+            msg: "topic_deleted",
+            ts: &timestamp(),
+        }
+        .to_frame()
+    }
+
+    /// What a subscriber is told when its topic cannot go on without a gap here; the broker
+    /// finishes it with the last `seq` the subscriber was sent.
+    fn resume_notice(name: &str) -> Unfinished {
+        let message = format!(
+            "topic {name:?}: the events after `seq` cannot be delivered in order on this \
+             server (the cluster no longer holds them, or the topic's epoch changed); this \
+             subscription ended: subscribe again with since_seq and epoch to resume"
+        );
+        let failure = Failure::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::SubscriptionGap,
+            message,
+        );
+        Unfinished::new(&failure.to_message(Some(name), &timestamp()))
     }
 }
 

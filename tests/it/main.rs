@@ -9,6 +9,7 @@
 //!   `wait_until`.
 //! - [`http_client`]: a raw HTTP/1.1 client and the REST calls.
 //! - [`ws_client`]: a WebSocket client with the protocol's requests as methods.
+//! - [`redis`]: a `redis-server` of the test's own, for cluster mode.
 //!
 //! Running the server:
 //! - [`config`]: `--help` and `--version`, the settings table agreeing with README.md, the
@@ -51,13 +52,17 @@
 //! - [`resume`]: offsets (`epoch`, `seq`) and resuming with `since_seq`.
 //! - [`backpressure`]: the slow consumer cut.
 //! - [`heartbeat`]: heartbeats and dead-peer reaping.
+//! - [`cluster`]: `REDIS_URL`: instances sharing topics, numbering, history and resume;
+//!   exactly once in order across instances; Redis lost, killed links, Redis back older.
 
 mod harness;
 mod http_client;
+mod redis;
 mod ws_client;
 
 mod auth;
 mod backpressure;
+mod cluster;
 mod config;
 mod connection_limits;
 mod console;
