@@ -4783,7 +4783,7 @@ pub(crate) mod ws {
         Unfinished,
     };
     use super::queue::{Outgoing, Reply, SlotFiller};
-    use super::state::{LatencyBatch, Peer, Registration, Shared};
+    use super::state::{Connections, LatencyBatch, Peer, Registration, Shared};
 
     /// How long a WebSocket whose server side has sent its Close frame waits for the client's reply
     /// before the TCP connection is dropped (RFC 6455 7.1.1: the server closes TCP first).
@@ -4832,7 +4832,11 @@ pub(crate) mod ws {
             clock,
             received: 0,
         };
-        let authorize = UpgradeAuth { config };
+        let authorize = UpgradeAuth {
+            config,
+            connections: &shared.connections,
+            id: peer.id,
+        };
         let mut ws = match tungstenite::accept_hdr_with_config(
             reader_socket,
             authorize,
@@ -4864,7 +4868,6 @@ pub(crate) mod ws {
             }
         };
         ws.get_mut().handshake_done = true;
-        shared.connections.set_awaiting_head(peer.id, false);
         // A peer that sends nothing, not even a pong, for two heartbeat intervals is dropped: the
         // read times out and the session ends.
         socket.set_read_timeout(Some(config.heartbeat * 2))?;
@@ -5033,6 +5036,10 @@ pub(crate) mod ws {
     /// `CORS_ORIGINS` does not allow with 403, and one without the right API key with 401.
     struct UpgradeAuth<'a> {
         config: &'a Config,
+        /// Told that the request head is in once the upgrade is accepted: from then on the
+        /// connection is a session, which must never be evicted as one waiting for a head.
+        connections: &'a Connections,
+        id: u64,
     }
 
     impl Callback for UpgradeAuth<'_> {
@@ -5062,6 +5069,8 @@ pub(crate) mod ws {
             if !auth::is_authorized(self.config.api_key.as_deref(), presented) {
                 return Err(auth::unauthorized(true).to_handshake_response());
             }
+            // Before the 101 goes out: a client may send its next request the moment it has it.
+            self.connections.set_awaiting_head(self.id, false);
             let mut response = response;
             response.headers_mut().insert(header::DATE, date_header());
             Ok(response)

@@ -147,3 +147,34 @@ def test_the_refusal_at_max_connections_is_dated(start_server):
         status, headers, body = wait_until(refused, 10, "a 503 at MAX_CONNECTIONS=1")
         assert b"MAX_CONNECTIONS" in body, body
         assert_dated("503 at MAX_CONNECTIONS", headers)
+
+
+def test_a_session_is_never_evicted_as_a_connection_waiting_for_its_head(start_server):
+    """At MAX_CONNECTIONS the connection that has waited longest for a request
+    head makes room for a new one. A WebSocket stops waiting the moment its
+    upgrade is accepted, before the 101 is sent: a request right after the 101
+    must be refused, never served by evicting the session it came after."""
+    server = start_server(MAX_CONNECTIONS=1)
+    probe = b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    def upgraded():
+        """A socket whose upgrade was accepted; None while the place is still taken (by the
+        last probe, whose connection may not have ended on the server's side yet)."""
+        sock = socket.create_connection((server.host, server.port), timeout=10)
+        sock.sendall(upgrade_request())
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        if data.startswith(b"HTTP/1.1 101"):
+            return sock
+        sock.close()
+        assert data.startswith(b"HTTP/1.1 503"), data
+        return None
+
+    for attempt in range(50):
+        held = wait_until(upgraded, 10, "an accepted upgrade")
+        with held:
+            status, _, _ = raw_http(server.host, server.port, probe)
+            assert status == 503, f"attempt {attempt}: the session was evicted ({status})"
