@@ -120,6 +120,7 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Invocation::Healthcheck(config) => return healthcheck(&config),
+        Invocation::Client(args) => return cli::main(args, |var| std::env::var(var).ok()),
         Invocation::Run(config) => config,
     };
     StderrLogger::install(config.log_level);
@@ -327,6 +328,8 @@ mod config {
     #[derive(Debug)]
     pub(crate) enum Invocation {
         Run(Config),
+        /// `pubsub-backend sub ...` and the other client subcommands, with their arguments.
+        Client(Vec<String>),
         /// `pubsub-backend healthcheck`: ask the server on this machine for `GET /health`.
         Healthcheck(Config),
         Help,
@@ -522,6 +525,12 @@ mod config {
         ) -> Result<Invocation, String> {
             let mut flags: HashMap<&'static str, String> = HashMap::new();
             let mut args = args.into_iter().peekable();
+            if args
+                .peek()
+                .is_some_and(|arg| super::cli::COMMANDS.contains(&arg.as_str()))
+            {
+                return Ok(Invocation::Client(args.collect()));
+            }
             let healthcheck = args.next_if(|arg| arg == "healthcheck").is_some();
             while let Some(arg) = args.next() {
                 match arg.as_str() {
@@ -786,7 +795,8 @@ mod config {
         let mut text = format!(
         "pubsub-backend {}: publish/subscribe over WebSocket (/ws), topics over REST, one port.\n\n\
          Usage: pubsub-backend [--NAME VALUE]...\n\
-         \x20      pubsub-backend healthcheck [--NAME VALUE]...   exit 0 if GET /health answers 200\n\n\
+         \x20      pubsub-backend healthcheck [--NAME VALUE]...   exit 0 if GET /health answers 200\n\
+         \x20      pubsub-backend sub|pub|topics|create|delete|history ...   a client (see sub --help)\n\n\
          Settings come from environment variables; the flag beside each overrides it.\n\n",
         env!("CARGO_PKG_VERSION")
     );
@@ -8003,6 +8013,682 @@ return 1
             message,
         );
         Unfinished::new(&failure.to_message(Some(name), &timestamp()))
+    }
+}
+
+mod cli {
+    //! The binary is also a client: `pubsub-backend sub`, `pub`, `topics`, `create`, `delete`
+    //! and `history`, for shells and scripts. `sub` prints every event as one JSON line, exactly
+    //! as received, and resumes after anything that ends its connection (a restart, a
+    //! slow-consumer cut, a gap in cluster mode) from the last `seq` it printed; `pub` publishes
+    //! one payload or one per line of standard input, each waiting for its ack.
+    //!
+    //! Owns: the command line of those subcommands, a WebSocket client (tungstenite's) and a
+    //! minimal HTTP/1.1 client over `TcpStream` and `httparse`, both already in the binary. Must
+    //! never: print anything but events (`sub`) or acks (`pub`) on standard output, or publish a
+    //! line twice.
+
+    use std::io::{self, BufRead, Read, Write};
+    use std::net::{TcpStream, ToSocketAddrs};
+    use std::process::ExitCode;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::thread;
+    use std::time::{Duration, Instant};
+
+    use serde_json::value::RawValue;
+    use serde_json::{json, Value};
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    use tungstenite::client::IntoClientRequest;
+    use tungstenite::http::HeaderValue;
+    use tungstenite::stream::MaybeTlsStream;
+    use tungstenite::{Message, WebSocket};
+
+    /// The subcommands; the first argument selects one.
+    pub(crate) const COMMANDS: [&str; 6] = ["sub", "pub", "topics", "create", "delete", "history"];
+
+    /// How long connecting and each request may take before the client gives up on them.
+    const TIMEOUT: Duration = Duration::from_secs(10);
+
+    /// `sub`'s reconnection backoff: from the first to the last, doubling.
+    const BACKOFF_FIRST: Duration = Duration::from_millis(100);
+    const BACKOFF_LAST: Duration = Duration::from_secs(5);
+
+    /// How often `sub` looks up from a quiet socket for Ctrl-C or SIGTERM.
+    const SIGNAL_POLL: Duration = Duration::from_millis(200);
+
+    const USAGE: &str = "\
+Usage: pubsub-backend sub TOPIC [TOPIC...] [--last-n N | --since SEQ --epoch EPOCH] [--count N]
+       pubsub-backend pub TOPIC [JSON]         (no JSON: one payload per line of stdin)
+       pubsub-backend topics
+       pubsub-backend create NAME
+       pubsub-backend delete NAME
+       pubsub-backend history NAME [--last-n N | --since SEQ]
+Each also takes --url URL (default $PUBSUB_URL, else http://127.0.0.1:8000) and
+--api-key KEY (default $API_KEY).";
+
+    /// Where the server is and how to present the key.
+    struct Target {
+        /// `host:port`.
+        authority: String,
+        api_key: Option<String>,
+    }
+
+    /// A command line that cannot be run: a usage error (exit 2).
+    struct Usage(String);
+
+    /// Runs a client subcommand; `args` start with its name.
+    pub(crate) fn main(args: Vec<String>, env: impl Fn(&str) -> Option<String>) -> ExitCode {
+        let outcome = parse(args, &env).map(|(command, target)| command.run(&target));
+        match outcome {
+            Ok(Ok(())) => ExitCode::SUCCESS,
+            Ok(Err(message)) => {
+                let _ = writeln!(io::stderr(), "pubsub-backend: {message}");
+                ExitCode::FAILURE
+            }
+            Err(Usage(message)) if message.is_empty() => {
+                let _ = writeln!(io::stdout(), "{USAGE}");
+                ExitCode::SUCCESS
+            }
+            Err(Usage(message)) => {
+                let _ = writeln!(io::stderr(), "pubsub-backend: {message}\n{USAGE}");
+                ExitCode::from(2)
+            }
+        }
+    }
+
+    /// What to do.
+    enum Command {
+        Sub {
+            topics: Vec<String>,
+            start: Start,
+            count: Option<u64>,
+        },
+        Pub {
+            topic: String,
+            payload: Option<String>,
+        },
+        Topics,
+        Create(String),
+        Delete(String),
+        History {
+            topic: String,
+            query: String,
+        },
+    }
+
+    /// Where `sub` starts: live, with the last N events, or after an event of an epoch.
+    #[derive(Clone)]
+    enum Start {
+        LastN(u64),
+        Since { seq: u64, epoch: String },
+    }
+
+    fn parse(
+        args: Vec<String>,
+        env: &impl Fn(&str) -> Option<String>,
+    ) -> Result<(Command, Target), Usage> {
+        let mut args = args.into_iter();
+        let name = args.next().unwrap_or_default();
+        let (mut positional, mut options) = (Vec::new(), Vec::<(String, String)>::new());
+        while let Some(arg) = args.next() {
+            match arg.strip_prefix("--") {
+                Some("help") => return Err(Usage(String::new())),
+                Some(option) => {
+                    let (option, value) = match option.split_once('=') {
+                        Some((option, value)) => (option.to_string(), value.to_string()),
+                        None => {
+                            let value = args
+                                .next()
+                                .ok_or_else(|| Usage(format!("--{option} needs a value")))?;
+                            (option.to_string(), value)
+                        }
+                    };
+                    options.push((option, value));
+                }
+                None => positional.push(arg),
+            }
+        }
+        let mut take = |option: &str| {
+            let found = options.iter().position(|(name, _)| name == option);
+            found.map(|index| options.remove(index).1)
+        };
+        let number = |option: &str, value: Option<String>| -> Result<Option<u64>, Usage> {
+            value
+                .map(|value| {
+                    value.parse::<u64>().map_err(|_| {
+                        Usage(format!(
+                            "--{option} must be a non-negative integer, got {value:?}"
+                        ))
+                    })
+                })
+                .transpose()
+        };
+        let url = take("url")
+            .or_else(|| env("PUBSUB_URL"))
+            .unwrap_or_else(|| "http://127.0.0.1:8000".to_string());
+        let target = Target {
+            authority: authority(&url).map_err(Usage)?,
+            api_key: take("api-key").or_else(|| env("API_KEY")),
+        };
+        let one = |what: &str, positional: &[String]| match positional {
+            [name] => Ok(name.clone()),
+            _ => Err(Usage(format!("{name} takes one {what}"))),
+        };
+        let command = match name.as_str() {
+            "sub" => {
+                let last_n = number("last-n", take("last-n"))?;
+                let since = number("since", take("since"))?;
+                let start = match (last_n, since, take("epoch")) {
+                    (None, None, None) => Start::LastN(0),
+                    (Some(n), None, None) => Start::LastN(n),
+                    (None, Some(seq), Some(epoch)) if positional.len() == 1 => {
+                        Start::Since { seq, epoch }
+                    }
+                    (None, Some(_), Some(_)) => {
+                        return Err(Usage("--since resumes one topic only".into()))
+                    }
+                    _ => {
+                        return Err(Usage(
+                            "give --last-n, or --since with --epoch, or neither".into(),
+                        ))
+                    }
+                };
+                if positional.is_empty() {
+                    return Err(Usage("sub needs a topic".into()));
+                }
+                Command::Sub {
+                    topics: positional,
+                    start,
+                    count: number("count", take("count"))?,
+                }
+            }
+            "pub" => match positional.as_slice() {
+                [topic] => Command::Pub {
+                    topic: topic.clone(),
+                    payload: None,
+                },
+                [topic, payload] => Command::Pub {
+                    topic: topic.clone(),
+                    payload: Some(payload.clone()),
+                },
+                _ => return Err(Usage("pub takes a topic and at most one payload".into())),
+            },
+            "topics" if positional.is_empty() => Command::Topics,
+            "topics" => return Err(Usage("topics takes no argument".into())),
+            "create" => Command::Create(one("topic name", &positional)?),
+            "delete" => Command::Delete(one("topic name", &positional)?),
+            "history" => {
+                let topic = one("topic name", &positional)?;
+                let query = match (take("last-n"), take("since")) {
+                    (None, None) => String::new(),
+                    (Some(n), None) => {
+                        format!("?last_n={}", number("last-n", Some(n))?.unwrap_or(0))
+                    }
+                    (None, Some(seq)) => {
+                        format!("?since_seq={}", number("since", Some(seq))?.unwrap_or(0))
+                    }
+                    _ => return Err(Usage("give --last-n or --since, not both".into())),
+                };
+                Command::History { topic, query }
+            }
+            other => return Err(Usage(format!("unknown command {other:?}"))),
+        };
+        if let Some((option, _)) = options.first() {
+            return Err(Usage(format!("{name} takes no --{option}")));
+        }
+        Ok((command, target))
+    }
+
+    /// `host:port` of an `http://` or `ws://` URL (a path, if any, is ignored).
+    fn authority(url: &str) -> Result<String, String> {
+        let rest = ["http://", "ws://"]
+            .iter()
+            .find_map(|scheme| url.strip_prefix(scheme))
+            .ok_or_else(|| {
+                format!("--url {url:?}: expected http://HOST:PORT (TLS is not supported here)")
+            })?;
+        let authority = rest.split(['/', '?']).next().unwrap_or_default();
+        if authority.is_empty() {
+            return Err(format!("--url {url:?} names no host"));
+        }
+        Ok(if authority.contains(':') && !authority.ends_with(']') {
+            authority.to_string()
+        } else {
+            format!("{authority}:80")
+        })
+    }
+
+    impl Command {
+        fn run(self, target: &Target) -> Result<(), String> {
+            match self {
+                Command::Sub {
+                    topics,
+                    start,
+                    count,
+                } => subscribe(target, &topics, &start, count),
+                Command::Pub { topic, payload } => publish(target, &topic, payload),
+                Command::Topics => rest(target, "GET", "/topics", None),
+                Command::Create(name) => {
+                    let body = json!({ "name": name }).to_string();
+                    rest(target, "POST", "/topics", Some(&body))
+                }
+                Command::Delete(name) => rest(target, "DELETE", &format!("/topics/{name}"), None),
+                Command::History { topic, query } => rest(
+                    target,
+                    "GET",
+                    &format!("/topics/{topic}/messages{query}"),
+                    None,
+                ),
+            }
+        }
+    }
+
+    // ---- REST --------------------------------------------------------------------------
+
+    /// One request; prints the JSON answer on stdout, or on stderr with a failure for a status
+    /// of 400 or more.
+    fn rest(target: &Target, method: &str, path: &str, body: Option<&str>) -> Result<(), String> {
+        let (status, answer) = http(target, method, path, body)?;
+        if status >= 400 {
+            return Err(format!("{method} {path}: {status} {answer}"));
+        }
+        let mut out = io::stdout().lock();
+        writeln!(out, "{answer}")
+            .and_then(|()| out.flush())
+            .map_err(|e| e.to_string())
+    }
+
+    /// Sends one HTTP/1.1 request on a connection of its own and reads the whole answer: its
+    /// status and body. The server answers with a `Content-Length` and closes on request.
+    fn http(
+        target: &Target,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> Result<(u16, String), String> {
+        let fail =
+            |error: io::Error| format!("{method} http://{}{path}: {error}", target.authority);
+        let mut stream = connect(&target.authority).map_err(fail)?;
+        let body = body.unwrap_or("");
+        let mut request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
+            target.authority,
+            body.len()
+        );
+        if let Some(key) = &target.api_key {
+            request += &format!("X-API-Key: {key}\r\n");
+        }
+        request += "\r\n";
+        request += body;
+        stream.write_all(request.as_bytes()).map_err(fail)?;
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).map_err(fail)?;
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut response = httparse::Response::new(&mut headers);
+        let head_len = match response.parse(&answer) {
+            Ok(httparse::Status::Complete(head_len)) => head_len,
+            _ => return Err(format!("{method} {path}: not an HTTP answer")),
+        };
+        let status = response.code.unwrap_or(0);
+        let text = String::from_utf8_lossy(&answer[head_len..])
+            .trim_end()
+            .to_string();
+        Ok((status, text))
+    }
+
+    fn connect(authority: &str) -> io::Result<TcpStream> {
+        let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
+        for addr in authority.to_socket_addrs()? {
+            match TcpStream::connect_timeout(&addr, TIMEOUT) {
+                Ok(stream) => {
+                    stream.set_read_timeout(Some(TIMEOUT))?;
+                    stream.set_write_timeout(Some(TIMEOUT))?;
+                    stream.set_nodelay(true)?;
+                    return Ok(stream);
+                }
+                Err(error) => last = error,
+            }
+        }
+        Err(last)
+    }
+
+    // ---- WebSocket ---------------------------------------------------------------------
+
+    type Socket = WebSocket<MaybeTlsStream<TcpStream>>;
+
+    fn open_websocket(target: &Target) -> Result<Socket, String> {
+        let url = format!("ws://{}/ws", target.authority);
+        let mut request = url
+            .as_str()
+            .into_client_request()
+            .map_err(|e| format!("{url}: {e}"))?;
+        if let Some(key) = &target.api_key {
+            let key =
+                HeaderValue::from_str(key).map_err(|_| "the API key is not a header value")?;
+            request.headers_mut().insert("x-api-key", key);
+        }
+        let stream = connect(&target.authority).map_err(|e| format!("{url}: {e}"))?;
+        let (socket, _) =
+            tungstenite::client(request, MaybeTlsStream::Plain(stream)).map_err(|e| match e {
+                tungstenite::HandshakeError::Failure(tungstenite::Error::Http(response)) => {
+                    let body = response.body().as_deref().unwrap_or_default();
+                    format!(
+                        "{url}: {} {}",
+                        response.status(),
+                        String::from_utf8_lossy(body)
+                    )
+                }
+                other => format!("{url}: {other}"),
+            })?;
+        Ok(socket)
+    }
+
+    fn send(socket: &mut Socket, request: &Value) -> Result<(), tungstenite::Error> {
+        socket.send(Message::text(request.to_string()))
+    }
+
+    /// `pub`: publishes each payload under a new message id and waits for its ack before the
+    /// next. A payload that is not JSON, or a refusal, stops it.
+    fn publish(target: &Target, topic: &str, payload: Option<String>) -> Result<(), String> {
+        let mut socket = open_websocket(target)?;
+        let mut out = io::stdout().lock();
+        let lines: Box<dyn Iterator<Item = io::Result<String>>> = match payload {
+            Some(payload) => Box::new(std::iter::once(Ok(payload))),
+            None => Box::new(io::stdin().lock().lines()),
+        };
+        for (index, line) in lines.enumerate() {
+            let line = line.map_err(|e| format!("reading stdin: {e}"))?;
+            let number = index + 1;
+            if line.trim().is_empty() {
+                continue;
+            }
+            let payload: &RawValue = serde_json::from_str(line.trim())
+                .map_err(|e| format!("line {number}: invalid JSON: {e}; nothing more published"))?;
+            let request_id = format!("pub-{number}");
+            let request = json!({
+                "type": "publish",
+                "topic": topic,
+                "request_id": request_id,
+                "message": {"id": uuid::Uuid::new_v4().to_string(), "payload": payload},
+            });
+            send(&mut socket, &request).map_err(|e| format!("line {number}: {e}"))?;
+            let reply = loop {
+                let message = socket
+                    .read()
+                    .map_err(|e| format!("line {number}: no ack: {e}"))?;
+                let Message::Text(text) = message else {
+                    continue;
+                };
+                let reply: Value = serde_json::from_str(&text).unwrap_or_default();
+                if reply["request_id"] == request_id.as_str() {
+                    break reply;
+                }
+            };
+            match reply["type"].as_str() {
+                Some("ack") => {
+                    let seq = &reply["seq"];
+                    writeln!(out, "{seq}")
+                        .and_then(|()| out.flush())
+                        .map_err(|e| e.to_string())?;
+                }
+                _ => {
+                    let code = reply["error"]["code"].as_str().unwrap_or("?");
+                    let message = reply["error"]["message"].as_str().unwrap_or("");
+                    return Err(format!("line {number}: {code}: {message}"));
+                }
+            }
+        }
+        let _ = socket.close(None);
+        Ok(())
+    }
+
+    /// What `sub` knows of one topic: where it is in it.
+    struct Position {
+        topic: String,
+        epoch: Option<String>,
+        /// The `seq` of the last event printed.
+        last: Option<u64>,
+        /// The `since_seq` of the last subscribe sent, if it resumed.
+        asked: Option<u64>,
+    }
+
+    impl Position {
+        /// The subscribe request that resumes after the last event printed, or starts as asked.
+        fn request(&mut self, start: &Start) -> Value {
+            let mut request = json!({
+                "type": "subscribe",
+                "topic": self.topic,
+                "client_id": "pubsub-backend-sub",
+                "request_id": format!("sub {}", self.topic),
+            });
+            let since = match (&self.epoch, self.last, start) {
+                (Some(epoch), Some(seq), _) => Some((seq, epoch.clone())),
+                (_, _, Start::Since { seq, epoch }) => Some((*seq, epoch.clone())),
+                (_, _, Start::LastN(n)) => {
+                    request["last_n"] = json!(n);
+                    None
+                }
+            };
+            self.asked = since.as_ref().map(|(seq, _)| *seq);
+            if let Some((seq, epoch)) = since {
+                request["since_seq"] = json!(seq);
+                request["epoch"] = json!(epoch);
+            }
+            request
+        }
+
+        /// Takes in a subscribe ack: says what a resume could not recover, and notes where the
+        /// subscription starts, so that a later resume continues from there.
+        fn acked(&mut self, ack: &Value, start: &Start) {
+            let now = ack["seq"].as_u64().unwrap_or(0);
+            let epoch = ack["epoch"].as_str().map(str::to_string);
+            if ack["recovered"] == false {
+                let after = self
+                    .asked
+                    .map_or(String::new(), |seq| format!(" after seq {seq}"));
+                let changed = match (&self.epoch, &epoch) {
+                    (Some(old), Some(new)) if old != new => {
+                        format!(" (the topic's epoch changed from {old} to {new})")
+                    }
+                    _ => String::new(),
+                };
+                let _ = writeln!(
+                    io::stderr(),
+                    "pubsub-backend sub: {}: recovered false: the events{after} up to seq {now} \
+                     could not be recovered{changed}; going on live from seq {}",
+                    self.topic,
+                    now + 1
+                );
+                self.last = Some(now);
+            } else if self.last.is_none() {
+                // The replay about to come (last_n), or nothing (a live start), comes after this.
+                self.last = Some(match start {
+                    Start::LastN(n) => now.saturating_sub(*n),
+                    Start::Since { seq, .. } => *seq,
+                });
+            }
+            self.epoch = epoch;
+        }
+    }
+
+    /// `sub`: prints every event of `topics`, one JSON line each, until `count` events, Ctrl-C
+    /// or SIGTERM; reconnects and resumes whenever the connection ends.
+    fn subscribe(
+        target: &Target,
+        topics: &[String],
+        start: &Start,
+        count: Option<u64>,
+    ) -> Result<(), String> {
+        let stop = Arc::new(AtomicBool::new(false));
+        for signal in [SIGINT, SIGTERM] {
+            signal_hook::flag::register(signal, Arc::clone(&stop)).map_err(|e| e.to_string())?;
+        }
+        let mut positions: Vec<Position> = topics
+            .iter()
+            .map(|topic| Position {
+                topic: topic.clone(),
+                epoch: None,
+                last: None,
+                asked: None,
+            })
+            .collect();
+        let mut printed = 0u64;
+        let mut backoff = BACKOFF_FIRST;
+        let mut out = io::stdout().lock();
+        while !stop.load(Ordering::SeqCst) {
+            let ended = follow(
+                target,
+                &mut positions,
+                start,
+                &stop,
+                count,
+                &mut printed,
+                &mut out,
+                &mut backoff,
+            );
+            match ended {
+                Ok(()) => return Ok(()),
+                Err(Ended::Fatal(message)) => return Err(message),
+                Err(Ended::Retry(why)) => {
+                    let _ = writeln!(
+                        io::stderr(),
+                        "pubsub-backend sub: {why}; reconnecting in {backoff:?}"
+                    );
+                }
+            }
+            let until = Instant::now() + backoff;
+            while Instant::now() < until && !stop.load(Ordering::SeqCst) {
+                thread::sleep(SIGNAL_POLL.min(until.saturating_duration_since(Instant::now())));
+            }
+            backoff = (backoff * 2).min(BACKOFF_LAST);
+        }
+        Ok(())
+    }
+
+    /// Why a connection of `sub` ended.
+    enum Ended {
+        /// Reconnect and resume.
+        Retry(String),
+        /// Give up.
+        Fatal(String),
+    }
+
+    /// One connection of `sub`: subscribes (resuming where it can) and prints events until the
+    /// connection ends (`Err`) or `sub` is done (`Ok`).
+    #[allow(clippy::too_many_arguments)]
+    fn follow(
+        target: &Target,
+        positions: &mut [Position],
+        start: &Start,
+        stop: &AtomicBool,
+        count: Option<u64>,
+        printed: &mut u64,
+        out: &mut impl Write,
+        backoff: &mut Duration,
+    ) -> Result<(), Ended> {
+        let mut socket = match open_websocket(target) {
+            Ok(socket) => socket,
+            // A refusal that retrying cannot mend: a wrong key, a forbidden origin.
+            Err(message) if message.contains(" 401 ") || message.contains(" 403 ") => {
+                return Err(Ended::Fatal(message))
+            }
+            Err(message) => return Err(Ended::Retry(message)),
+        };
+        if let MaybeTlsStream::Plain(stream) = socket.get_ref() {
+            let _ = stream.set_read_timeout(Some(SIGNAL_POLL));
+        }
+        let retry = |e: tungstenite::Error| Ended::Retry(e.to_string());
+        for position in positions.iter_mut() {
+            send(&mut socket, &position.request(start)).map_err(retry)?;
+        }
+        loop {
+            if stop.load(Ordering::SeqCst) {
+                let _ = socket.close(None);
+                return Ok(());
+            }
+            let text = match socket.read() {
+                Ok(Message::Text(text)) => text,
+                Ok(Message::Close(frame)) => {
+                    let why = frame.map_or("closed".to_string(), |f| {
+                        format!("closed: {} {}", f.code, f.reason)
+                    });
+                    return Err(Ended::Retry(why));
+                }
+                Ok(_) => continue,
+                Err(tungstenite::Error::Io(e))
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    continue
+                }
+                Err(e) => return Err(retry(e)),
+            };
+            let message: Value = serde_json::from_str(&text).unwrap_or_default();
+            let topic = message["topic"].as_str().unwrap_or_default();
+            let position = positions.iter_mut().find(|p| p.topic == topic);
+            match (message["type"].as_str().unwrap_or_default(), position) {
+                ("event", Some(position)) => {
+                    writeln!(out, "{text}")
+                        .and_then(|()| out.flush())
+                        .map_err(|e| Ended::Fatal(format!("stdout: {e}")))?;
+                    position.last = message["seq"].as_u64().or(position.last);
+                    *printed += 1;
+                    if count.is_some_and(|count| *printed >= count) {
+                        let _ = socket.close(None);
+                        return Ok(());
+                    }
+                }
+                ("ack", Some(position)) => {
+                    *backoff = BACKOFF_FIRST;
+                    position.acked(&message, start);
+                }
+                ("error", Some(position)) if message["error"]["code"] == "SUBSCRIPTION_GAP" => {
+                    let _ = writeln!(
+                        io::stderr(),
+                        "pubsub-backend sub: {topic}: {}; resuming",
+                        message["error"]["message"]
+                    );
+                    send(&mut socket, &position.request(start)).map_err(retry)?;
+                }
+                ("error", _) if message["error"]["code"] == "SLOW_CONSUMER" => {
+                    // The server closes next; the reconnection resumes from the last event printed.
+                    let _ = writeln!(
+                        io::stderr(),
+                        "pubsub-backend sub: cut as a slow consumer; resuming"
+                    );
+                }
+                ("error", Some(position)) if message["error"]["code"] == "TOPIC_NOT_FOUND" => {
+                    return Err(Ended::Retry(format!(
+                        "topic {:?} does not exist (yet)",
+                        position.topic
+                    )));
+                }
+                // Shutting down, or Redis away in cluster mode: it passes.
+                ("error", _) if message["error"]["code"] == "INTERNAL" => {
+                    return Err(Ended::Retry(format!("{}", message["error"]["message"])));
+                }
+                ("error", _) => {
+                    return Err(Ended::Fatal(format!(
+                        "{}: {}",
+                        message["error"]["code"], message["error"]["message"]
+                    )));
+                }
+                ("info", Some(position)) if message["msg"] == "topic_deleted" => {
+                    let _ = writeln!(
+                        io::stderr(),
+                        "pubsub-backend sub: topic {:?} was deleted; waiting for it",
+                        position.topic
+                    );
+                    position.epoch = None;
+                    position.last = None;
+                    return Err(Ended::Retry("topic deleted".into()));
+                }
+                _ => {}
+            }
+        }
     }
 }
 

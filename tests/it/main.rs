@@ -52,6 +52,8 @@
 //! - [`resume`]: offsets (`epoch`, `seq`) and resuming with `since_seq`.
 //! - [`backpressure`]: the slow consumer cut.
 //! - [`heartbeat`]: heartbeats and dead-peer reaping.
+//! - [`cli`]: the binary as a client: `sub` (resuming across restarts and losses), `pub`
+//!   (stopping at a bad line), the REST wrappers, the API key.
 //! - [`cluster`]: `REDIS_URL`: instances sharing topics, numbering, history and resume;
 //!   exactly once in order across instances; Redis lost, killed links, Redis back older.
 
@@ -62,6 +64,7 @@ mod ws_client;
 
 mod auth;
 mod backpressure;
+mod cli;
 mod cluster;
 mod config;
 mod connection_limits;
