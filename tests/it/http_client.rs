@@ -9,6 +9,7 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 use crate::harness::DEADLINE;
+use crate::record;
 use crate::ws_client::seq_field;
 
 /// A parsed HTTP response.
@@ -123,6 +124,7 @@ pub fn try_http_raw(addr: SocketAddr, request: &[u8]) -> Option<Response> {
             Err(_) => break,
         }
     }
+    record::http("http", request, &received, true);
     (!received.is_empty()).then(|| parse_response(&received))
 }
 
@@ -158,6 +160,7 @@ pub fn upgrade(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Respon
             Err(_) => break,
         }
     }
+    record::http("upgrade", request.as_bytes(), &received, true);
     assert!(!received.is_empty(), "no answer to the upgrade of {path}");
     parse_response(&received)
 }
@@ -194,7 +197,9 @@ pub fn exchange(addr: SocketAddr, request: &[u8], timeout: Duration) -> RawExcha
     stream.set_write_timeout(Some(timeout)).unwrap();
     let _ = stream.write_all(request);
     let _ = stream.shutdown(Shutdown::Write);
-    read_until_closed(&mut stream, timeout)
+    let outcome = read_until_closed(&mut stream, timeout);
+    record::http("exchange", request, &outcome.received, outcome.closed);
+    outcome
 }
 
 /// Reads what `stream` delivers until EOF, a reset, or `timeout` from now.
@@ -239,6 +244,7 @@ pub fn round_trip(stream: &mut TcpStream, request: &[u8]) -> Option<Response> {
                 .find_map(|line| line.strip_prefix("content-length:"))
                 .map_or(0, |length| length.trim().parse().unwrap());
             if received.len() >= head_end + 4 + length {
+                record::http("round_trip", request, &received, false);
                 assert_eq!(
                     received.len(),
                     head_end + 4 + length,
@@ -248,10 +254,12 @@ pub fn round_trip(stream: &mut TcpStream, request: &[u8]) -> Option<Response> {
             }
         }
         match stream.read(&mut chunk) {
-            Ok(0) => return None,
-            Ok(n) => received.extend_from_slice(&chunk[..n]),
+            Ok(n) if n > 0 => received.extend_from_slice(&chunk[..n]),
             Err(error) if is_timeout(&error) => panic!("no response within {DEADLINE:?}"),
-            Err(_) => return None,
+            _ => {
+                record::http("round_trip", request, &received, true);
+                return None;
+            }
         }
     }
 }

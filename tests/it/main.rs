@@ -10,6 +10,8 @@
 //! - [`http_client`]: a raw HTTP/1.1 client and the REST calls.
 //! - [`ws_client`]: a WebSocket client with the protocol's requests as methods.
 //! - [`redis`]: a `redis-server` of the test's own, for cluster mode.
+//! - [`record`]: with `PUBSUB_API_RECORD=DIR`, both clients append what they exchange to DIR, for
+//!   tests/api/check_traffic.py to check against docs/openapi.json and docs/asyncapi.json.
 //!
 //! Running the server:
 //! - [`config`]: `--help` and `--version`, the settings table agreeing with README.md, the
@@ -59,6 +61,7 @@
 
 mod harness;
 mod http_client;
+mod record;
 mod redis;
 mod ws_client;
 

@@ -16,6 +16,7 @@ use tungstenite::{Message, WebSocket};
 use uuid::Uuid;
 
 use crate::harness::DEADLINE;
+use crate::record;
 
 /// First byte of a final text frame: FIN bit and opcode 0x1 (RFC 6455 5.2).
 pub const TEXT_FRAME: u8 = 0x81;
@@ -31,6 +32,8 @@ pub struct WsClient {
     client_id: String,
     /// Numbers the `request_id`s, so each reply can be matched to its request.
     requests_sent: u64,
+    /// The connection's name in the recorded traffic ([`record`]).
+    conn: String,
 }
 
 impl WsClient {
@@ -63,11 +66,31 @@ impl WsClient {
                 HeaderValue::from_str(value).unwrap(),
             );
         }
-        match tungstenite::client::client(request, stream) {
+        let recorded_request = record::enabled().then(|| handshake_text(&request));
+        let outcome = tungstenite::client::client(request, stream);
+        if let Some(request) = recorded_request {
+            let response = match &outcome {
+                Ok((_, response)) => Some(response_text(response, None)),
+                Err(HandshakeError::Failure(tungstenite::Error::Http(response))) => {
+                    Some(response_text(response, response.body().as_deref()))
+                }
+                _ => None,
+            };
+            if let Some(response) = response {
+                record::http(
+                    "ws_handshake",
+                    request.as_bytes(),
+                    response.as_bytes(),
+                    false,
+                );
+            }
+        }
+        match outcome {
             Ok((socket, _response)) => Ok(WsClient {
                 socket,
                 client_id: format!("it-{}", Uuid::new_v4()),
                 requests_sent: 0,
+                conn: record::new_connection(),
             }),
             Err(HandshakeError::Failure(error)) => Err(error),
             Err(HandshakeError::Interrupted(_)) => {
@@ -83,6 +106,11 @@ impl WsClient {
 
     /// Sends any message (text that is not JSON, binary, ...).
     pub fn send_message(&mut self, message: Message) {
+        match &message {
+            Message::Text(text) => record::ws_text(&self.conn, "sent", text.as_str()),
+            Message::Binary(_) => record::ws_opaque(&self.conn, "binary"),
+            _ => {}
+        }
         self.socket.send(message).unwrap();
     }
 
@@ -104,23 +132,40 @@ impl WsClient {
             frame.push(length);
             frame.extend(payload);
         }
+        // A masked final text frame is a request like any other; anything else is not.
+        match std::str::from_utf8(payload) {
+            Ok(text) if first_byte == TEXT_FRAME && masked => {
+                record::ws_text(&self.conn, "sent", text)
+            }
+            _ => record::ws_opaque(&self.conn, "raw"),
+        }
         self.socket.get_mut().write_all(&frame).unwrap();
     }
 
     /// Writes `bytes` straight to the socket: hand-built frames of any size, or a part of one.
     pub fn send_raw_bytes(&mut self, bytes: &[u8]) {
+        record::ws_opaque(&self.conn, "raw");
         self.socket.get_mut().write_all(bytes).unwrap();
     }
 
     /// The next message of any kind, or the error that ended the connection, without panicking.
     pub fn try_recv_message(&mut self) -> tungstenite::Result<Message> {
-        self.socket.read()
+        self.read()
+    }
+
+    /// The next message from the socket; every read goes through here, so that every text
+    /// frame received is recorded.
+    fn read(&mut self) -> tungstenite::Result<Message> {
+        let message = self.socket.read();
+        if let Ok(Message::Text(text)) = &message {
+            record::ws_text(&self.conn, "received", text.as_str());
+        }
+        message
     }
 
     /// The next message of any kind, including pings (tungstenite queues their pongs).
     pub fn recv_message(&mut self) -> Message {
-        self.socket
-            .read()
+        self.read()
             .unwrap_or_else(|error| panic!("no WebSocket message arrived: {error}"))
     }
 
@@ -162,7 +207,7 @@ impl WsClient {
     pub fn close(&mut self) {
         self.socket.close(None).unwrap();
         loop {
-            match self.socket.read() {
+            match self.read() {
                 Ok(_) => continue,
                 Err(tungstenite::Error::ConnectionClosed) => return,
                 Err(error) => panic!("closing handshake failed: {error}"),
@@ -176,14 +221,14 @@ impl WsClient {
         if self.socket.close(None).is_err() {
             return;
         }
-        while self.socket.read().is_ok() {}
+        while self.read().is_ok() {}
     }
 
     /// Reads (and discards) until the server ends the connection in any way: close frame,
     /// EOF or reset. Panics if the connection is still open after [`DEADLINE`].
     pub fn expect_connection_ended(&mut self) {
         loop {
-            match self.socket.read() {
+            match self.read() {
                 Ok(Message::Close(_)) => return,
                 Ok(_) => continue,
                 Err(tungstenite::Error::Io(error))
@@ -412,6 +457,41 @@ pub fn epoch_field(ack: &Value) -> String {
     let epoch = ack["epoch"].as_str().unwrap_or_default();
     assert!(!epoch.is_empty(), "no `epoch` string in {ack}");
     epoch.to_owned()
+}
+
+/// A handshake request as text, for the recording: request line and headers.
+fn handshake_text(request: &tungstenite::handshake::client::Request) -> String {
+    let mut text = format!(
+        "GET {} HTTP/1.1\r\n",
+        request.uri().path_and_query().map_or("/", |p| p.as_str())
+    );
+    for (name, value) in request.headers() {
+        text.push_str(&format!(
+            "{name}: {}\r\n",
+            String::from_utf8_lossy(value.as_bytes())
+        ));
+    }
+    text.push_str("\r\n");
+    text
+}
+
+/// A handshake response as text, for the recording: status line, headers and `body`.
+fn response_text<T>(response: &tungstenite::http::Response<T>, body: Option<&[u8]>) -> String {
+    let status = response.status();
+    let mut text = format!(
+        "HTTP/1.1 {} {}\r\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or("")
+    );
+    for (name, value) in response.headers() {
+        text.push_str(&format!(
+            "{name}: {}\r\n",
+            String::from_utf8_lossy(value.as_bytes())
+        ));
+    }
+    text.push_str("\r\n");
+    text.push_str(&String::from_utf8_lossy(body.unwrap_or_default()));
+    text
 }
 
 /// A short description of a message, since a whole large event would flood the output.
