@@ -7,7 +7,13 @@
 #   1. cargo test: the unit tests and the integration tests of tests/it/, which
 #      cover the server's behaviour (every REST route and error, the WebSocket
 #      protocol, fan-out, replay, shutdown, metrics, the healthcheck
-#      subcommand, ...); each Rust test counts as one check here
+#      subcommand, ...); each Rust test counts as one check here. Their
+#      clients record what they exchange (PUBSUB_API_RECORD) for step 1b.
+#  1b. the API documents: openapi-spec-validator on docs/openapi.json, the
+#      AsyncAPI parser (tests/api/validate-asyncapi.mjs) on docs/asyncapi.json,
+#      then tests/api/check_traffic.py: every frame and response of the
+#      recorded traffic against the two documents, and every documented route
+#      asked of the debug binary
 #   2. the release binary: one end-to-end smoke test with curl and wscat
 #      (health, create a topic, subscribe, publish -> the event arrives,
 #      SIGTERM -> a quick exit 0); then the Python client suite of
@@ -30,10 +36,12 @@
 # Needs: cargo, curl, node + wscat (installed with npm when missing), python3
 # with tests/clients/requirements.txt (pytest, requests, websockets).
 # Optional outside CI (a SKIP line naming what is missing; with CI=true a
-# failure): promtool (Debian's prometheus), Debian's chromium with
-# playwright-core (npm ci --prefix tests/browser), docker-compose, a Docker
-# engine (the musl target is added with rustup when missing). .ci/run
-# installs all of that on a fresh Debian machine.
+# failure): the API checks' openapi-spec-validator, jsonschema, referencing
+# and regress (also in tests/clients/requirements.txt) and @asyncapi/parser
+# (npm ci --prefix tests/api), promtool (Debian's prometheus), Debian's
+# chromium with playwright-core (npm ci --prefix tests/browser),
+# docker-compose, a Docker engine (the musl target is added with rustup when
+# missing). .ci/run installs all of that on a fresh Debian machine.
 
 set -euo pipefail
 
@@ -46,6 +54,9 @@ LOG_DIR=$TARGET_DIR/test-sh
 MUSL_TARGET=x86_64-unknown-linux-musl
 BIN_NAME=pubsub-backend
 RELEASE_BIN=$TARGET_DIR/release/$BIN_NAME
+DEBUG_BIN=$TARGET_DIR/debug/$BIN_NAME
+# What cargo test's clients exchanged with the server (tests/it/record.rs).
+API_TRAFFIC_DIR=$LOG_DIR/api-traffic
 MUSL_BIN=$TARGET_DIR/$MUSL_TARGET/release/$BIN_NAME
 
 # Deadlines, in seconds.
@@ -56,6 +67,7 @@ HEALTH_DEADLINE=30     # a new container until its HEALTHCHECK says healthy
 BROWSER_TIMEOUT=120    # the browser test, Chromium's start included
 CARGO_TEST_TIMEOUT=300 # one to two minutes on a cold 2-core machine
 CLIENTS_TIMEOUT=600    # the Python client suite, about a minute
+API_CHECK_TIMEOUT=600  # the traffic checker, about a minute on a 2-core machine
 
 # The server flushes queues for at most SHUTDOWN_GRACE_SEC (5 s unless set).
 # The stops below find nothing queued, so a correct server exits at once; 3 s
@@ -67,6 +79,7 @@ DOCKER_STOP_TIMEOUT=10
 IMAGE_MAX_BYTES=$((20 * 1024 * 1024))
 
 BROWSER_DIR=tests/browser
+API_DIR=tests/api
 CHROMIUM=${CHROMIUM:-/usr/bin/chromium}
 IMAGE_TAG=$BIN_NAME:test-sh-$$
 CONTAINER=$BIN_NAME-test-sh-$$
@@ -298,9 +311,12 @@ quick_clean_exit() { [[ $1 == 0 ]] && less_than "$2" "$STOP_BOUND"; }
 # leave no complete totals, counts as one more failure.
 step_cargo_test() {
   local log=$LOG_DIR/cargo-test.log rc=0
-  note "cargo test (log: $log)"
-  # timeout kills cargo's whole process group, test binaries included.
-  timeout -k 10 "$CARGO_TEST_TIMEOUT" cargo test --no-fail-fast </dev/null >"$log" 2>&1 || rc=$?
+  note "cargo test (log: $log; traffic recorded in $API_TRAFFIC_DIR)"
+  rm -rf "$API_TRAFFIC_DIR"
+  # timeout kills cargo's whole process group, test binaries included. The
+  # directory is absolute: test binaries run in the package's directory.
+  PUBSUB_API_RECORD=$PWD/$API_TRAFFIC_DIR timeout -k 10 "$CARGO_TEST_TIMEOUT" \
+    cargo test --no-fail-fast </dev/null >"$log" 2>&1 || rc=$?
   count_totals "$log" '^test result:'
   if [[ $rc -eq 0 ]]; then
     echo "ok - cargo test: $T_PASSED passed"
@@ -321,6 +337,54 @@ step_cargo_test() {
       /^---- |^failures:$/ { s = 0 } f && !s' "$log" | cut -c 1-400 | head -n 120 | sed 's/^/#   /'
   else
     tail -n 40 "$log" | sed 's/^/#   /'
+  fi
+}
+
+# ---- 1b. the API documents ---------------------------------------------------
+
+# The two documents are valid by their specifications' own tools, and agree
+# with the traffic that cargo test recorded (tests/api/check_traffic.py).
+step_api_docs() {
+  local log=$LOG_DIR/api-check.log rc=0 validator=()
+  if command -v openapi-spec-validator >/dev/null; then
+    validator=(openapi-spec-validator)
+  elif python3 -c 'import openapi_spec_validator' 2>/dev/null; then
+    validator=(python3 -m openapi_spec_validator)
+  fi
+  if [[ ${#validator[@]} -eq 0 ]]; then
+    missing_tool "openapi-spec-validator docs/openapi.json" "openapi-spec-validator (pip install -r tests/clients/requirements.txt)"
+  elif "${validator[@]}" docs/openapi.json >"$TMP/openapi.out" 2>&1; then
+    pass "openapi-spec-validator accepts docs/openapi.json (OpenAPI 3.1.0)"
+  else
+    fail "openapi-spec-validator docs/openapi.json" "it says:"$'\n'"$(head -n 20 "$TMP/openapi.out")"
+  fi
+
+  if [[ ! -f $API_DIR/node_modules/@asyncapi/parser/package.json ]]; then
+    missing_tool "AsyncAPI parser on docs/asyncapi.json" "@asyncapi/parser (npm ci --prefix $API_DIR)"
+  elif node "$API_DIR/validate-asyncapi.mjs" docs/asyncapi.json >"$TMP/asyncapi.out" 2>&1; then
+    pass "@asyncapi/parser accepts docs/asyncapi.json (AsyncAPI 3.0.0: $(grep -o '[0-9]* channel.*operation(s), [0-9]* message(s)' "$TMP/asyncapi.out"))"
+  else
+    fail "AsyncAPI parser on docs/asyncapi.json" "it says:"$'\n'"$(grep -v '^# info' "$TMP/asyncapi.out" | head -n 20)"
+  fi
+
+  local name="the recorded traffic matches docs/openapi.json and docs/asyncapi.json"
+  if ! python3 -c 'import jsonschema, referencing, regress' 2>/dev/null; then
+    missing_tool "$name" "python3's jsonschema, referencing or regress (pip install -r tests/clients/requirements.txt)"
+    return 0
+  fi
+  if [[ ! -d $API_TRAFFIC_DIR || ! -x $DEBUG_BIN ]]; then
+    fail "$name" "nothing recorded in $API_TRAFFIC_DIR or no $DEBUG_BIN: see cargo test above"
+    return 0
+  fi
+  note "python3 $API_DIR/check_traffic.py $API_TRAFFIC_DIR --server $DEBUG_BIN (log: $log)"
+  PYTHONDONTWRITEBYTECODE=1 timeout -k 10 "$API_CHECK_TIMEOUT" \
+    python3 "$API_DIR/check_traffic.py" "$API_TRAFFIC_DIR" --server "$DEBUG_BIN" </dev/null >"$log" 2>&1 || rc=$?
+  if [[ $rc -eq 0 ]]; then
+    pass "$name ($(tail -n 1 "$log" | sed 's/^OK: //'))"
+  elif [[ $rc -eq 124 || $rc -eq 137 ]]; then
+    fail "$name" "the checker timed out after ${API_CHECK_TIMEOUT}s"
+  else
+    fail "$name" "$(tail -n 1 "$log")"$'\n'"$(grep -E '^# (MISMATCH|    )' "$log" | sed 's/^# //' | head -n 60)"
   fi
 }
 
@@ -607,6 +671,7 @@ main() {
   rm -rf "$LOG_DIR"
   mkdir -p "$LOG_DIR"
   step_cargo_test
+  step_api_docs
   step_release
   step_clients
   step_operate
