@@ -15,9 +15,11 @@
 #      recorded traffic against the two documents, and every documented route
 #      asked of the debug binary
 #   2. the release binary: one end-to-end smoke test with curl and wscat
-#      (health, create a topic, subscribe, publish -> the event arrives,
-#      SIGTERM -> a quick exit 0); then the Python client suite of
-#      tests/clients against it (pytest; each test counts as one check)
+#      (health, create a topic, subscribe, publish -> the event arrives), then
+#      with the binary's own client (create, sub --count 3 in the background,
+#      pub from stdin -> its three events, topics), SIGTERM -> a quick exit 0;
+#      then the Python client suite of tests/clients against it (pytest; each
+#      test counts as one check)
 #   3. a release server with API_KEY set: the console in headless Chromium
 #      (tests/browser/console.mjs), then `promtool check metrics` on a scrape
 #   4. docker-compose.yml: `docker-compose config` accepts it, and it passes
@@ -88,7 +90,7 @@ CONTAINER=$BIN_NAME-test-sh-$$
 
 PASSED=0 FAILED=0
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/pubsub-test.XXXXXX")
-T_PASSED=0 T_FAILED=0 SERVER_PID="" WS_PID="" WS_FD="" CONTAINER_STARTED="" CONTAINER_RUN_AT="" IMAGE_BUILT=""
+T_PASSED=0 T_FAILED=0 SERVER_PID="" WS_PID="" WS_FD="" SUB_PID="" CONTAINER_STARTED="" CONTAINER_RUN_AT="" IMAGE_BUILT=""
 
 pass() { PASSED=$((PASSED + 1)); echo "ok - $1"; }
 # fail NAME DETAIL: the lines of a DETAIL after its first (a log's tail) go
@@ -123,6 +125,7 @@ missing_tool() {
 # Stop whatever this run started, on any exit (success, failure, Ctrl-C).
 cleanup() {
   if [[ -n $WS_PID ]]; then kill "$WS_PID" 2>/dev/null || true; fi
+  if [[ -n $SUB_PID ]]; then kill "$SUB_PID" 2>/dev/null || true; fi
   if [[ -n $SERVER_PID ]]; then kill -KILL "$SERVER_PID" 2>/dev/null || true; fi
   if [[ -n $CONTAINER_STARTED ]]; then docker rm -f "$CONTAINER" >/dev/null 2>&1 || true; fi
   if [[ -n $IMAGE_BUILT ]]; then docker rmi -f "$IMAGE_TAG" >/dev/null 2>&1 || true; fi
@@ -300,6 +303,81 @@ smoke() {
   else
     fail "$p: the event arrives at the wscat subscriber" "not within ${REPLY_DEADLINE}s; got: $(ws_tail)"
   fi
+  cli_smoke "$p"
+}
+
+# client ARGS...: the release binary as a client of $BASE, in a clean
+# environment (no PUBSUB_URL or API_KEY from the caller's shell).
+client() { env -i PATH="$PATH" "$RELEASE_BIN" "$@" --url "$BASE"; }
+
+# cli_smoke LABEL: the binary's own client against $BASE: `create` a topic,
+# `sub --count 3` in the background, three payloads to `pub` on stdin (it
+# prints each ack's seq), the subscriber prints their three events and exits
+# 0, and `topics` lists the topic.
+cli_smoke() {
+  local p=$1 topic=cli-smoke rc=0
+  if [[ ! -x $RELEASE_BIN ]]; then fail "$p: pubsub-backend as a client" "no release binary"; return 0; fi
+  client create "$topic" >"$TMP/cli.out" 2>&1 || rc=$?
+  if [[ $rc -ne 0 ]] || ! json_has "$TMP/cli.out" status=created "topic=$topic"; then
+    fail "$p: pubsub-backend create $topic" "exit $rc: $(head -c 300 "$TMP/cli.out")"
+    return 0
+  fi
+  pass "$p: pubsub-backend create $topic"
+  client sub "$topic" --count 3 </dev/null >"$TMP/sub.out" 2>"$TMP/sub.err" &
+  SUB_PID=$!
+  if ! wait_until "$REPLY_DEADLINE" cli_subscribed "$topic"; then
+    fail "$p: pubsub-backend sub $topic --count 3 subscribes" \
+      "no subscriber in /stats within ${REPLY_DEADLINE}s; sub says: $(tr '\n' ' ' <"$TMP/sub.err" | head -c 300)"
+    kill "$SUB_PID" 2>/dev/null || true
+    SUB_PID=""
+    return 0
+  fi
+  rc=0
+  printf '{"n":1}\n{"n":2}\n{"n":3}\n' | client pub "$topic" >"$TMP/pub.out" 2>&1 || rc=$?
+  expect_eq "$p: pubsub-backend pub $topic publishes three lines of stdin (exit $rc, seqs printed)" \
+    "$(tr '\n' ' ' <"$TMP/pub.out")" "1 2 3 "
+  rc=0
+  if wait_until "$REPLY_DEADLINE" cli_sub_gone; then
+    wait "$SUB_PID" || rc=$?
+    SUB_PID=""
+    check "$p: pubsub-backend sub $topic --count 3 prints events 1, 2, 3 and exits 0 (exit $rc)" \
+      "exit $rc, printed: $(head -c 600 "$TMP/sub.out"); stderr: $(head -c 200 "$TMP/sub.err")" \
+      cli_events_in_order "$TMP/sub.out" "$topic" "$rc"
+  else
+    fail "$p: pubsub-backend sub $topic --count 3 exits" \
+      "still running ${REPLY_DEADLINE}s after the publishes; printed: $(head -c 600 "$TMP/sub.out")"
+    kill "$SUB_PID" 2>/dev/null || true
+    SUB_PID=""
+  fi
+  rc=0
+  client topics >"$TMP/cli.out" 2>&1 || rc=$?
+  check "$p: pubsub-backend topics lists $topic" "exit $rc: $(head -c 300 "$TMP/cli.out")" \
+    cli_lists_topic "$TMP/cli.out" "$topic" "$rc"
+}
+cli_subscribed() {
+  kill -0 "$SUB_PID" 2>/dev/null || return 2
+  curl -sS -o "$TMP/stats.json" --max-time 5 "$BASE/stats" 2>/dev/null &&
+    json_has "$TMP/stats.json" "topics.$1.subscribers=1"
+}
+cli_sub_gone() { ! kill -0 "$SUB_PID" 2>/dev/null; }
+
+# cli_events_in_order FILE TOPIC RC: RC is 0 and FILE holds exactly three
+# lines, the events of TOPIC with seq 1, 2, 3 and payloads {"n":1}..{"n":3}.
+CLI_EVENTS_JS='
+const [file, topic] = process.argv.slice(1);
+const lines = require("fs").readFileSync(file, "utf8").split("\n").filter(l => l.trim());
+const ok = lines.length === 3 && lines.every((l, i) => {
+  const e = JSON.parse(l);
+  return e.type === "event" && e.topic === topic && e.seq === i + 1 && e.message.payload.n === i + 1;
+});
+process.exit(ok ? 0 : 1);
+'
+cli_events_in_order() { [[ $3 == 0 ]] && node -e "$CLI_EVENTS_JS" "$1" "$2" 2>/dev/null; }
+# cli_lists_topic FILE TOPIC RC: RC is 0 and FILE is a topic list naming TOPIC.
+cli_lists_topic() {
+  [[ $3 == 0 ]] && node -e 'const [file, topic] = process.argv.slice(1);
+    const list = JSON.parse(require("fs").readFileSync(file, "utf8")).topics;
+    process.exit(list.some(t => t.name === topic) ? 0 : 1);' "$1" "$2" 2>/dev/null
 }
 
 # quick_clean_exit CODE SECONDS: exit code 0, sooner than STOP_BOUND.
