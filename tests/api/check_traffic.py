@@ -27,8 +27,10 @@ REST (docs/openapi.json):
 Patterns are ECMA-262 regular expressions, as JSON Schema says (through the `regress` package),
 not Python's: `$` in Python also matches before a final newline.
 
-Prints counts and each mismatch; exits 1 on any mismatch, or when it checked fewer than
-MIN_SERVER_FRAMES server frames or MIN_REST_RESPONSES REST responses (it cannot pass empty).
+Prints the counts as `# ` lines, then one `ok - ` or `not ok - ` line per verdict (VERDICTS:
+the WebSocket traffic, the REST traffic, the documented routes, the API key), each failed one
+followed by its mismatches; exits 1 on any mismatch. Fewer than MIN_SERVER_FRAMES server frames
+or MIN_REST_RESPONSES REST responses is a mismatch too: the checker cannot pass empty.
 """
 
 import argparse
@@ -443,20 +445,30 @@ def inexpressible(text, request, message):
 # ---- bookkeeping ---------------------------------------------------------------------------------
 
 
+# The verdicts, one `ok - ` or `not ok - ` line each, and what each covers.
+VERDICTS = {
+    "ws": "the recorded WebSocket traffic matches docs/asyncapi.json",
+    "rest": "the recorded REST traffic matches docs/openapi.json",
+    "routes": "every route of docs/openapi.json is answered as documented (the probe), the two documents served verbatim",
+    "auth": "the API key is required exactly where docs/openapi.json says",
+}
+
+
 class Report:
     def __init__(self):
         self.counts = collections.Counter()
-        self.mismatches = collections.defaultdict(list)
+        self.mismatches = collections.defaultdict(list)  # (verdict, kind) -> details
         self.exceptions = collections.Counter()
+        self.verdict = "ws"  # where the mismatches found now count
 
     def count(self, what, n=1):
         self.counts[what] += n
 
     def mismatch(self, kind, detail):
-        self.mismatches[kind].append(detail)
+        self.mismatches[(self.verdict, kind)].append(detail)
 
-    def failed(self):
-        return sum(len(v) for v in self.mismatches.values())
+    def failed(self, verdict=None):
+        return sum(len(v) for (c, _), v in self.mismatches.items() if verdict in (None, c))
 
 
 def clip(text, n=240):
@@ -811,7 +823,11 @@ class Rest:
         except (ValueError, KeyError, TypeError):
             return None, None
 
-    def check_error_body(self, where, response, codes):
+    def check_error_body(self, where, response, codes, request=None):
+        if request is not None and request.method == "HEAD":
+            if response.body:
+                self.report.mismatch("a body in an answer to HEAD", where)
+            return
         validator = self.schemas.at(OPENAPI_URI, "/components/schemas/Error")
         try:
             body = loads(response.body.decode("utf-8"), duplicates_ok=False)
@@ -833,7 +849,7 @@ class Rest:
             if response.status not in CONNECTION_STATUSES:
                 r.mismatch("malformed request not refused", where)
             else:
-                self.check_error_body(where, response, {"BAD_REQUEST", "PAYLOAD_TOO_LARGE", "INTERNAL"})
+                self.check_error_body(where, response, {"BAD_REQUEST", "PAYLOAD_TOO_LARGE", "INTERNAL"}, request)
             return
         target = origin_form(request.target)
         path, _, query = target.partition("?")
@@ -847,30 +863,30 @@ class Rest:
         if template is None:
             r.count("REST responses checked: undocumented paths")
             if response.status == 404:
-                self.check_error_body(where, response, {"NOT_FOUND"})
+                self.check_error_body(where, response, {"NOT_FOUND"}, request)
             elif response.status == 401:
-                self.check_error_body(where, response, {"UNAUTHORIZED"})
+                self.check_error_body(where, response, {"UNAUTHORIZED"}, request)
             elif response.status in CONNECTION_STATUSES:
-                self.check_error_body(where, response, {"BAD_REQUEST", "PAYLOAD_TOO_LARGE", "INTERNAL"})
+                self.check_error_body(where, response, {"BAD_REQUEST", "PAYLOAD_TOO_LARGE", "INTERNAL"}, request)
             else:
                 r.mismatch("an undocumented path is answered", where)
             return
         if request.method not in methods:
             r.count("REST responses checked: methods a path does not serve")
             if response.status == 405:
-                self.check_error_body(where, response, {"METHOD_NOT_ALLOWED"})
+                self.check_error_body(where, response, {"METHOD_NOT_ALLOWED"}, request)
                 allow = {m.strip() for m in (response.header("allow") or "").split(",") if m.strip()}
                 if not allow or not allow <= methods:
                     r.mismatch("405 Allow header", f"{where}: Allow {sorted(allow)} not within the documented {sorted(methods)}")
             elif response.status == 401:
-                self.check_error_body(where, response, {"UNAUTHORIZED"})
+                self.check_error_body(where, response, {"UNAUTHORIZED"}, request)
             elif response.status in CONNECTION_STATUSES:
-                self.check_error_body(where, response, {"BAD_REQUEST", "PAYLOAD_TOO_LARGE", "INTERNAL"})
+                self.check_error_body(where, response, {"BAD_REQUEST", "PAYLOAD_TOO_LARGE", "INTERNAL"}, request)
             else:
                 r.mismatch("a method the document does not list is served", where)
             return
         operation = self.doc["paths"][template][request.method.lower()]
-        if response.status != 404:
+        if is_evidence(response):
             self.answered[(template, request.method)][source] += 1
         status = str(response.status)
         documented = operation["responses"].get(status)
@@ -954,6 +970,17 @@ class Rest:
             if response.status in (401, 404, 413, 503) or response.status in CONNECTION_STATUSES:
                 return  # refused for another reason first
             r.mismatch("schema refuses a request the server accepts", f"{where}: {clip(text or '')}: {problem}")
+
+
+def is_evidence(response):
+    """Whether an answer shows that its route exists: not one given before routing (401, the
+    connection's refusals) nor an unknown route's 404."""
+    if response.status < 400 or response.status in (409, 426, 507):
+        return True
+    try:
+        return response.status == 404 and json.loads(response.body)["error"]["code"] == "TOPIC_NOT_FOUND"
+    except (ValueError, KeyError, TypeError):
+        return False
 
 
 def query_problem(query):
@@ -1071,6 +1098,8 @@ def probe(binary, openapi, docs_dir, rest, report):
     checked like the recorded ones; the key required exactly where the document says; the two
     documents served verbatim."""
     asks = probe_requests(openapi)
+    report.verdict = "routes"
+    served = collections.Counter()
     server = Probe(binary, {})
     try:
         for method, path, headers, body in asks:
@@ -1079,9 +1108,13 @@ def probe(binary, openapi, docs_dir, rest, report):
             report.count("REST probe requests")
             for name in ("openapi.json", "asyncapi.json"):
                 if method == "GET" and path == f"/{name}" and response.status == 200:
+                    served[name] += 1
                     with open(os.path.join(docs_dir, name), "rb") as f:
                         if response.body != f.read():
                             report.mismatch("document not served verbatim", f"GET /{name}")
+        for name in ("openapi.json", "asyncapi.json"):
+            if not served[name]:
+                report.mismatch("document not served", f"GET /{name} is not answered 200")
     finally:
         server.stop()
     key = f"probe-{uuid.uuid4()}"
@@ -1093,6 +1126,7 @@ def probe(binary, openapi, docs_dir, rest, report):
             secured = operation.get("security", openapi.get("security")) != []
             request, response = server.ask(method, path, headers, body)
             rest.check("probe (API_KEY, no key)", request, response)
+            report.verdict = "auth"
             if secured != (response.status == 401):
                 report.mismatch(
                     "API key required where the document does not say so" if not secured else
@@ -1100,9 +1134,10 @@ def probe(binary, openapi, docs_dir, rest, report):
                     f"{method} {path} without the key -> {response.status}",
                 )
             request, response = server.ask(method, path, headers + (("X-API-Key", key),), body)
-            rest.check("probe (API_KEY)", request, response)
             if response.status == 401:
                 report.mismatch("the key refused", f"{method} {path} with the key -> 401")
+            report.verdict = "routes"
+            rest.check("probe (API_KEY)", request, response)
             report.count("REST probe requests", 2)
     finally:
         server.stop()
@@ -1126,49 +1161,62 @@ def main():
     report = Report()
     started = time.monotonic()
 
+    report.verdict = "ws"
     check_ws(read_ws(args.directory), schemas, report)
     rest = Rest(openapi, schemas, report)
+    report.verdict = "rest"
     check_rest(args.directory, rest, report)
     from_tests = {key for key, sources in rest.answered.items() if sources}
     if args.server:
         probe(args.server, openapi, args.docs, rest, report)
 
     documented = [(t, m.upper()) for t, item in openapi["paths"].items() for m in item if m in METHODS]
+    report.verdict = "routes"
     for key in documented:
         if not rest.answered.get(key):
-            report.mismatch("a documented route is never answered (other than 404)", f"{key[1]} {key[0]}")
+            report.mismatch("a documented route is never answered", f"{key[1]} {key[0]}")
+    by_tests = [k for k in documented if k in from_tests]
     only_probe = [f"{m} {t}" for t, m in documented if (t, m) not in from_tests and rest.answered.get((t, m))]
 
     print(f"# checked in {time.monotonic() - started:.1f}s:")
     for what, n in sorted(report.counts.items()):
         print(f"#   {what}: {n}")
-    print(f"#   documented routes answered: {sum(1 for k in documented if rest.answered.get(k))} of {len(documented)}"
-          f" ({len(documented) - len(only_probe) - sum(1 for k in documented if not rest.answered.get(k))} by the Rust tests)")
+    print(f"#   documented routes answered by the Rust tests: {len(by_tests)} of {len(documented)}")
     if only_probe:
         print(f"#   answered only to the probe: {', '.join(only_probe)}")
     for name, n in sorted(report.exceptions.items()):
         print(f"#   inexpressible in JSON Schema, matched on the server's message: {name}: {n}")
-    for kind, details in sorted(report.mismatches.items()):
-        print(f"# MISMATCH {kind}: {len(details)}")
-        for detail in details[:SHOW_PER_KIND]:
-            print(f"#     {clip(detail, 400)}")
+
     frames = report.counts["ws server frames"]
     responses = report.counts["REST responses checked"]
-    too_few = []
     if frames < MIN_SERVER_FRAMES:
-        too_few.append(f"{frames} server frames (fewer than {MIN_SERVER_FRAMES})")
+        report.verdict = "ws"
+        report.mismatch("too little traffic", f"{frames} server frames, fewer than {MIN_SERVER_FRAMES}")
     if responses < MIN_REST_RESPONSES:
-        too_few.append(f"{responses} REST responses (fewer than {MIN_REST_RESPONSES})")
-    summary = (f"{frames} server frames, {report.counts['ws requests checked']} WebSocket requests, "
-               f"{responses} REST responses checked")
-    if too_few:
-        print(f"FAILED: too little traffic: {'; '.join(too_few)}")
-        return 1
-    if report.failed():
-        print(f"FAILED: {report.failed()} mismatches; {summary}")
-        return 1
-    print(f"OK: {summary}, no mismatch")
-    return 0
+        report.verdict = "rest"
+        report.mismatch("too little traffic", f"{responses} REST responses, fewer than {MIN_REST_RESPONSES}")
+    totals = {
+        "ws": f"{frames} server frames, {report.counts['ws requests checked']} requests with their replies",
+        "rest": f"{responses} responses, {report.counts['REST requests checked against their schemas']} requests against their schemas",
+        "routes": f"{len(documented)} routes, {report.counts['REST probe requests']} requests" if args.server else "",
+        "auth": "",
+    }
+    for verdict, name in VERDICTS.items():
+        if verdict == "auth" and not args.server:
+            continue  # asked of a server of our own only
+        if verdict == "routes" and not args.server:
+            name += " (by the recorded traffic alone: no --server)"
+        if report.failed(verdict):
+            print(f"not ok - {name}: {report.failed(verdict)} mismatch(es)")
+        else:
+            print(f"ok - {name}" + (f" ({totals[verdict]})" if totals[verdict] else ""))
+        for (v, kind), details in sorted(report.mismatches.items()):
+            if v != verdict:
+                continue
+            print(f"#   {kind}: {len(details)}")
+            for detail in details[:SHOW_PER_KIND]:
+                print(f"#     {clip(detail, 400)}")
+    return 1 if report.failed() else 0
 
 
 # Python's parser recurses once per level of nesting, and the tests send up to 500,000: main runs
