@@ -32,9 +32,11 @@ RUN echo 'fn main() {}' > main.rs \
  && cargo build --release --locked \
  && rm main.rs
 
-# The real source. COPY keeps the file's mtime from the build context, which
-# can be older than the dummy build above; `touch` makes cargo rebuild it.
+# The real source, and the API descriptions it serves (include_str!). COPY
+# keeps the file's mtime from the build context, which can be older than the
+# dummy build above; `touch` makes cargo rebuild it.
 COPY main.rs ./
+COPY docs/openapi.json docs/asyncapi.json ./docs/
 RUN touch main.rs \
  && cargo build --release --locked \
  && ./target/release/pubsub-backend --version

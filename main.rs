@@ -6625,6 +6625,12 @@ mod rest {
 
     const HTML: &str = "text/html; charset=utf-8";
 
+    /// The REST API as OpenAPI 3.1, served at `GET /openapi.json` as it is in the repository.
+    const OPENAPI: &str = include_str!("docs/openapi.json");
+
+    /// The WebSocket protocol as AsyncAPI 3.0, served at `GET /asyncapi.json`.
+    const ASYNCAPI: &str = include_str!("docs/asyncapi.json");
+
     impl RestReply {
         fn json(status: u16, body: String) -> RestReply {
             RestReply {
@@ -6660,6 +6666,10 @@ mod rest {
         Health,
         Stats,
         Metrics,
+        /// This API as OpenAPI 3.1 (`docs/openapi.json`).
+        OpenApi,
+        /// The WebSocket protocol as AsyncAPI 3.0 (`docs/asyncapi.json`).
+        AsyncApi,
     }
 
     impl<'a> RestRoute<'a> {
@@ -6670,6 +6680,8 @@ mod rest {
                 "/topics" => Some(RestRoute::Topics),
                 "/health" => Some(RestRoute::Health),
                 "/stats" => Some(RestRoute::Stats),
+                "/openapi.json" => Some(RestRoute::OpenApi),
+                "/asyncapi.json" => Some(RestRoute::AsyncApi),
                 "/ws" => Some(RestRoute::WebSocket),
                 _ => match path.strip_prefix("/topics/")?.split_once('/') {
                     None => Some(RestRoute::Topic(&path["/topics/".len()..])),
@@ -6686,9 +6698,12 @@ mod rest {
                 RestRoute::Topics | RestRoute::Messages(_) => "GET, HEAD, POST",
                 RestRoute::Topic(_) => "DELETE",
                 RestRoute::WebSocket => "GET",
-                RestRoute::Health | RestRoute::Stats | RestRoute::Metrics | RestRoute::Console => {
-                    "GET, HEAD"
-                }
+                RestRoute::Health
+                | RestRoute::Stats
+                | RestRoute::Metrics
+                | RestRoute::Console
+                | RestRoute::OpenApi
+                | RestRoute::AsyncApi => "GET, HEAD",
             }
         }
 
@@ -6704,6 +6719,8 @@ mod rest {
                 RestRoute::Health => "/health",
                 RestRoute::Stats => "/stats",
                 RestRoute::Metrics => "/metrics",
+                RestRoute::OpenApi => "/openapi.json",
+                RestRoute::AsyncApi => "/asyncapi.json",
             }
         }
     }
@@ -6800,12 +6817,21 @@ mod rest {
             method => method.clone(),
         };
         let route = RestRoute::parse(&path);
-        // Liveness probes, the console page (which asks for the key) and CORS preflights (which
-        // browsers send without credentials) work without the key. Everything else needs it,
-        // unknown routes included, so that nothing of the API shows without the key.
+        // Liveness probes, the console page (which asks for the key), the API's descriptions
+        // (what the code in the repository says anyway) and CORS preflights (which browsers send
+        // without credentials) work without the key. Everything else needs it, unknown routes
+        // included, so that nothing of the data shows without the key.
         let open_to_all = method == Method::Options
             || method == Method::Get
-                && matches!(route, Some(RestRoute::Health | RestRoute::Console));
+                && matches!(
+                    route,
+                    Some(
+                        RestRoute::Health
+                            | RestRoute::Console
+                            | RestRoute::OpenApi
+                            | RestRoute::AsyncApi
+                    )
+                );
         let headers = request
             .headers()
             .iter()
@@ -6850,6 +6876,8 @@ mod rest {
                 content_type: HTML,
                 ..RestReply::json(200, CONSOLE_HTML.to_string())
             }),
+            (RestRoute::OpenApi, Method::Get) => Ok(RestReply::json(200, OPENAPI.to_string())),
+            (RestRoute::AsyncApi, Method::Get) => Ok(RestReply::json(200, ASYNCAPI.to_string())),
             _ => Err(Failure::new(
                 StatusCode::METHOD_NOT_ALLOWED,
                 ErrorCode::MethodNotAllowed,
@@ -7371,6 +7399,79 @@ mod rest {
         RestReply {
             content_type: PROMETHEUS_TEXT,
             ..RestReply::json(200, out)
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        /// A request path for a documented path template: `{name}` becomes a topic name.
+        fn concrete(template: &str) -> String {
+            template.replace("{name}", "orders")
+        }
+
+        /// Every route the server answers is in `docs/openapi.json`, with the methods it
+        /// answers, and every path and method there is a route of the server's.
+        #[test]
+        fn the_openapi_document_lists_exactly_the_routes_served() {
+            let document: serde_json::Value = serde_json::from_str(OPENAPI).unwrap();
+            let paths = document["paths"].as_object().expect("paths");
+            let mut documented: Vec<(String, String)> = Vec::new();
+            for (template, operations) in paths {
+                let path = concrete(template);
+                let route = RestRoute::parse(&path)
+                    .unwrap_or_else(|| panic!("{template} is documented but not served"));
+                assert_eq!(route.label(), template.as_str(), "{template}");
+                // HEAD is answered as GET wherever GET is (RFC 9110 9.3.2), OPTIONS everywhere.
+                let methods = route.allowed_methods();
+                let head = if methods.contains("GET") {
+                    ", HEAD"
+                } else {
+                    ""
+                };
+                let allowed = format!("{methods}{head}, OPTIONS");
+                for method in operations.as_object().unwrap().keys() {
+                    if ["parameters", "summary", "description"].contains(&method.as_str()) {
+                        continue;
+                    }
+                    let method = method.to_ascii_uppercase();
+                    assert!(
+                        allowed.split(", ").any(|m| m == method),
+                        "{method} {template} is documented but answered 405 (allowed: {allowed})"
+                    );
+                    documented.push((template.clone(), method));
+                }
+            }
+            let served = [
+                "/",
+                "/ws",
+                "/topics",
+                "/topics/{name}",
+                "/topics/{name}/messages",
+                "/health",
+                "/stats",
+                "/metrics",
+                "/openapi.json",
+                "/asyncapi.json",
+            ];
+            for template in served {
+                let path = concrete(template);
+                let route = RestRoute::parse(&path).unwrap();
+                for method in route.allowed_methods().split(", ") {
+                    assert!(
+                        documented.contains(&(template.to_string(), method.to_string())),
+                        "{method} {template} is served but not documented"
+                    );
+                }
+            }
+        }
+
+        /// The AsyncAPI document is JSON and version 3.0.
+        #[test]
+        fn the_asyncapi_document_is_asyncapi_3() {
+            let document: serde_json::Value = serde_json::from_str(ASYNCAPI).unwrap();
+            assert!(document["asyncapi"].as_str().unwrap().starts_with("3.0"));
         }
     }
 }
@@ -8746,6 +8847,8 @@ mod console {
 <header>
   <h1>pubsub-backend console</h1>
   <span class="spacer"></span>
+  <a href="/openapi.json" style="color:#fff">OpenAPI</a>
+  <a href="/asyncapi.json" style="color:#fff">AsyncAPI</a>
   <label>API key <input id="api-key" type="password" placeholder="only if API_KEY is set" autocomplete="off"></label>
   <span id="ws-status" class="status">WebSocket: not connected</span>
 </header>
