@@ -4,34 +4,17 @@
 //! byte-exact in a payload, refused in integer fields or beyond a double). The frames that carry
 //! them are websocket.rs.
 
-use std::net::SocketAddr;
-
 use serde_json::{json, Value};
 use tungstenite::Message;
 use uuid::Uuid;
 
 use crate::harness::Server;
-use crate::http_client::{create_topic, get, health};
-use crate::websocket::hostile_input_server;
+use crate::http_client::{create_topic, get};
+use crate::websocket::{assert_still_serving, hostile_input_server, server_with_orders};
 use crate::ws_client::{assert_ack, assert_error, publish_request, without_ts, WsClient};
 
 /// The largest message these servers accept, small so that oversized messages are cheap.
 const MAX_MESSAGE_BYTES: usize = 4096;
-
-/// A server with the topic `orders` and a client connected to it.
-fn server_with_orders(overrides: &[(&str, &str)]) -> (Server, WsClient) {
-    let server = Server::start_with(overrides);
-    create_topic(server.addr, "orders");
-    let client = WsClient::connect(server.addr);
-    (server, client)
-}
-
-/// Asserts that other clients are still served: a WebSocket round trip and `/health`.
-fn assert_still_serving(addr: SocketAddr) {
-    let mut client = WsClient::connect(addr);
-    client.ping();
-    assert!(health(addr)["uptime_sec"].is_u64());
-}
 
 #[test]
 fn subscribe_is_acked_echoing_the_request_id_and_topic() {

@@ -39,7 +39,7 @@ pub(crate) fn hostile_input_server() -> Server {
 }
 
 /// A server with the topic `orders` and a client connected to it.
-fn server_with_orders(overrides: &[(&str, &str)]) -> (Server, WsClient) {
+pub(crate) fn server_with_orders(overrides: &[(&str, &str)]) -> (Server, WsClient) {
     let server = Server::start_with(overrides);
     create_topic(server.addr, "orders");
     let client = WsClient::connect(server.addr);
@@ -47,7 +47,7 @@ fn server_with_orders(overrides: &[(&str, &str)]) -> (Server, WsClient) {
 }
 
 /// Asserts that other clients are still served: a WebSocket round trip and `/health`.
-fn assert_still_serving(addr: SocketAddr) {
+pub(crate) fn assert_still_serving(addr: SocketAddr) {
     let mut client = WsClient::connect(addr);
     client.ping();
     assert!(health(addr)["uptime_sec"].is_u64());
