@@ -244,6 +244,18 @@ def loads_deep(text, duplicates_ok=True):
     def fail(what):
         raise ValueError(f"{what} at char {at}")
 
+    def read_key(at):
+        """An object's key from `at` (spaces first) and its ':'; the key and where its value
+        starts."""
+        at = _SPACE.match(text, at).end()
+        if at >= len(text) or text[at] != '"':
+            raise ValueError(f"expected a key at char {at}")
+        key, at = scan_string(text, at + 1, True)
+        at = _SPACE.match(text, at).end()
+        if at >= len(text) or text[at] != ":":
+            raise ValueError(f"expected ':' at char {at}")
+        return key, at + 1
+
     while True:
         at = _SPACE.match(text, at).end()
         if at >= len(text):
@@ -259,14 +271,7 @@ def loads_deep(text, duplicates_ok=True):
                 at += 1
                 value = stack.pop()[0]
             elif c == "{":
-                if at >= len(text) or text[at] != '"':
-                    fail("expected a key")
-                key, at = scan_string(text, at + 1, True)
-                at = _SPACE.match(text, at).end()
-                if at >= len(text) or text[at] != ":":
-                    fail("expected ':'")
-                at += 1
-                stack[-1][1] = key
+                stack[-1][1], at = read_key(at)
                 continue
             else:
                 continue
@@ -303,15 +308,7 @@ def loads_deep(text, duplicates_ok=True):
             if at < len(text) and text[at] == ",":
                 at += 1
                 if isinstance(container, dict):
-                    at = _SPACE.match(text, at).end()
-                    if at >= len(text) or text[at] != '"':
-                        fail("expected a key")
-                    key, at = scan_string(text, at + 1, True)
-                    at = _SPACE.match(text, at).end()
-                    if at >= len(text) or text[at] != ":":
-                        fail("expected ':'")
-                    at += 1
-                    stack[-1][1] = key
+                    stack[-1][1], at = read_key(at)
                 break
             if at < len(text) and text[at] == closer:
                 at += 1
